@@ -1,0 +1,40 @@
+# The two commands a newcomer needs:
+#   make demo   set everything up, then run the main job (render a built-in scene, time every backend)
+#   make test   set everything up, then run the test suite (what .ci/run calls)
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# The build imports torch, so torch and the build tools are installed before the package itself.
+BUILD_DEPS := "torch>=2.4" setuptools wheel ninja pybind11 numpy
+
+.PHONY: setup demo test bench cmake-check clean
+setup: $(VENV)/.g3dr-installed
+
+$(VENV)/.g3dr-installed: pyproject.toml setup.py csrc/sources.py $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' 2>/dev/null)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(BUILD_DEPS)
+	$(PIP) install -q --no-build-isolation -e ".[test]"
+	$(PY) -c "import g3dr_kernels as k; print('backends:', {n: v['available'] for n, v in k.backends().items()})"
+	touch $@
+
+demo: setup
+	$(VENV)/bin/g3dr demo
+
+test: setup cmake-check
+	HF_HUB_OFFLINE=1 $(PY) -m pytest tests -q
+
+bench: setup
+	$(PY) -m pytest benchmarks -q --benchmark-only
+
+# Builds the extension a second way, through CMakeLists.txt, so that file cannot rot.
+cmake-check: setup
+	cmake -S . -B build-cmake -G Ninja -DPython3_EXECUTABLE=$(abspath $(PY)) \
+	  -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" \
+	  -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV)/bin/ninja) > build-cmake.log 2>&1 || (cat build-cmake.log; exit 1)
+	cmake --build build-cmake >> build-cmake.log 2>&1 || (cat build-cmake.log; exit 1)
+	@echo "cmake build OK (build-cmake/)"
+
+clean:
+	rm -rf build build-cmake build-cmake.log *.egg-info g3dr_kernels/_C*.so

@@ -1,0 +1,244 @@
+"""Pure-PyTorch reference renderer: the oracle every backend is tested against, and the "torch"
+backend. Written from the equations in DESIGN.md; no validation here (the public functions in
+`g3dr_kernels.functional` validate before calling in).
+
+Shapes: B batch, N points, R rays, S samples per ray, C channels, D colour channels.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+from ._types import PLANE_AXES, PLANE_COORDS, Composite, DepthKernel
+
+# ---------------------------------------------------------------------------------------------
+# Multi-resolution triplane sampling
+# ---------------------------------------------------------------------------------------------
+
+
+def build_pyramid(finest: torch.Tensor, levels: int) -> List[torch.Tensor]:
+    """[B,3,C,H,W] -> finest-first list of `levels` tensors; level l is the antialiased bilinear
+    downsampling of the finest level by 0.5**l (as the official G3DR code does)."""
+    B, P, C, H, W = finest.shape
+    out = [finest]
+    flat = finest.reshape(B * P, C, H, W)
+    for lvl in range(1, levels):
+        down = F.interpolate(flat, scale_factor=0.5 ** lvl, mode="bilinear", antialias=True, align_corners=False)
+        out.append(down.reshape(B, P, C, *down.shape[-2:]))
+    return out
+
+
+def project(xyz: torch.Tensor, box_warp: float, plane_axes: Union[str, int]) -> torch.Tensor:
+    """[B,N,3] world points -> [B,3,N,2] plane coordinates in [-1,1] (grid_sample order: (w, h))."""
+    code = PLANE_AXES[plane_axes] if isinstance(plane_axes, str) else plane_axes
+    u = xyz * (2.0 / box_warp)
+    return torch.stack([u[..., list(ab)] for ab in PLANE_COORDS[code]], dim=1)
+
+
+def sample_pyramid(levels: Sequence[torch.Tensor], xyz: torch.Tensor, box_warp: float = 2.0,
+                   plane_axes: Union[str, int] = "eg3d") -> torch.Tensor:
+    """Sum over levels, mean over the 3 planes, of bilinear samples (align_corners=False, zeros
+    outside). levels: finest-first list of [B,3,C,H_l,W_l]; xyz [B,N,3] -> [B,N,C]."""
+    B, N = xyz.shape[:2]
+    C = levels[0].shape[2]
+    dtype = levels[0].dtype
+    low = dtype in (torch.float16, torch.bfloat16)  # the oracle computes half planes in float32
+    grid = project(xyz.float() if low else xyz, box_warp, plane_axes).reshape(B * 3, 1, N, 2)
+    out = grid.new_zeros(B, N, C)
+    for lv in levels:
+        lv = lv.float() if low else lv
+        H, W = lv.shape[-2:]
+        s = F.grid_sample(lv.reshape(B * 3, C, H, W), grid, mode="bilinear", padding_mode="zeros",
+                          align_corners=False)  # [B*3, C, 1, N]
+        out = out + s.reshape(B, 3, C, N).mean(1).transpose(1, 2)
+    return out.to(dtype)
+
+
+def sample_triplanes(planes: Union[torch.Tensor, Sequence[torch.Tensor]], xyz: torch.Tensor, *, levels: int = 3,
+                     box_warp: float = 2.0, plane_axes: str = "eg3d") -> torch.Tensor:
+    """planes [B,3,C,H,W] (pyramid built here) or a finest-first list; xyz [B,N,3] -> [B,N,C]."""
+    pyr = build_pyramid(planes, levels) if isinstance(planes, torch.Tensor) else list(planes)
+    return sample_pyramid(pyr, xyz, box_warp, plane_axes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoder
+# ---------------------------------------------------------------------------------------------
+
+
+def decode(features: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
+           b2: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """features [..., C] -> sigma [...] (raw), rgb [..., D] = sigmoid(o[...,1:]) * (1 + 2e-3) - 1e-3.
+    h = softplus(f @ w1.T + b1), o = h @ w2.T + b2 (nn.Linear layout: w1 [hidden,C], w2 [1+D,hidden])."""
+    h = F.softplus(features @ w1.t() + b1)
+    o = h @ w2.t() + b2
+    return o[..., 0], torch.sigmoid(o[..., 1:]) * (1 + 2e-3) - 1e-3
+
+
+# ---------------------------------------------------------------------------------------------
+# Compositing with depth-kernel gradient scaling
+# ---------------------------------------------------------------------------------------------
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; multiplies the incoming gradient by `k` (no gradient to k)."""
+
+    @staticmethod
+    def forward(ctx, x, k):
+        ctx.save_for_backward(k)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (k,) = ctx.saved_tensors
+        return g * k, None
+
+
+def composite_intervals(sigma_mid: torch.Tensor, rgb_mid: torch.Tensor, t_mid: torch.Tensor, delta: torch.Tensor, *,
+                        target_depth: Optional[torch.Tensor] = None, kernel: DepthKernel = DepthKernel(),
+                        density_bias: float = -1.0, eps: float = 1e-3,
+                        white_background: bool = False) -> Composite:
+    """Composite on intervals: sigma_mid [B,R,I], rgb_mid [B,R,I,D], t_mid [B,R,I], delta [B,R,I].
+
+    alpha_i = 1 - exp(-softplus(sigma_mid_i + density_bias) * delta_i)
+    T_i = prod_{j<i} (1 - alpha_j + 1e-10), w_i = alpha_i T_i
+    With target_depth [B,R] the gradients reaching sigma_mid_i and rgb_mid_i are multiplied by
+    kernel(target, t_mid_i); forward values are unchanged.
+    """
+    if target_depth is not None:
+        k = kernel(target_depth.unsqueeze(-1), t_mid)
+        sigma_mid = _ScaleGrad.apply(sigma_mid, k)
+        rgb_mid = _ScaleGrad.apply(rgb_mid, k.unsqueeze(-1))
+    alpha = 1 - torch.exp(-F.softplus(sigma_mid + density_bias) * delta)
+    shifted = torch.cat([torch.ones_like(alpha[..., :1]), 1 - alpha + 1e-10], dim=-1)
+    weights = alpha * torch.cumprod(shifted, dim=-1)[..., :-1]
+    opacity = weights.sum(-1)
+    rgb = (weights.unsqueeze(-1) * rgb_mid).sum(-2)
+    if white_background:
+        rgb = rgb + (1 - opacity).unsqueeze(-1)
+    depth = (weights * t_mid).sum(-1) / (opacity + eps)
+    return Composite(rgb, depth, opacity, weights)
+
+
+def composite(sigma: torch.Tensor, rgb: torch.Tensor, depths: torch.Tensor, *,
+              target_depth: Optional[torch.Tensor] = None, kernel: DepthKernel = DepthKernel(),
+              density_bias: float = -1.0, eps: float = 1e-3, white_background: bool = False) -> Composite:
+    """MipRayMarcher on the S-1 intervals of sigma [B,R,S], rgb [B,R,S,D], depths [B,R,S]:
+    mid density, mid colour, mid depth, delta = depths[i+1] - depths[i]."""
+    sigma_mid = 0.5 * (sigma[..., 1:] + sigma[..., :-1])
+    rgb_mid = 0.5 * (rgb[..., 1:, :] + rgb[..., :-1, :])
+    t_mid = 0.5 * (depths[..., 1:] + depths[..., :-1])
+    delta = depths[..., 1:] - depths[..., :-1]
+    return composite_intervals(sigma_mid, rgb_mid, t_mid, delta, target_depth=target_depth, kernel=kernel,
+                               density_bias=density_bias, eps=eps, white_background=white_background)
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole renderer
+# ---------------------------------------------------------------------------------------------
+
+
+def render_triplanes(planes, rays_o: torch.Tensor, rays_d: torch.Tensor, depths: torch.Tensor, w1: torch.Tensor,
+                     b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, *, target_depth: Optional[torch.Tensor] = None,
+                     kernel: DepthKernel = DepthKernel(), levels: int = 3, box_warp: float = 2.0,
+                     plane_axes: str = "eg3d", density_bias: float = -1.0, eps: float = 1e-3,
+                     white_background: bool = False) -> Composite:
+    """Points o + t d for every depth -> sample_triplanes -> decode -> composite.
+    rays_o, rays_d [B,R,3], depths [B,R,S] -> Composite (rgb [B,R,D], ...)."""
+    B, R, S = depths.shape
+    xyz = (rays_o.unsqueeze(2) + depths.unsqueeze(-1) * rays_d.unsqueeze(2)).reshape(B, R * S, 3)
+    feats = sample_triplanes(planes, xyz, levels=levels, box_warp=box_warp, plane_axes=plane_axes)
+    sigma, rgb = decode(feats, w1, b1, w2, b2)
+    return composite(sigma.reshape(B, R, S), rgb.reshape(B, R, S, -1), depths, target_depth=target_depth,
+                     kernel=kernel, density_bias=density_bias, eps=eps, white_background=white_background)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray utilities (used by the nn layer; no gradients flow through sample positions)
+# ---------------------------------------------------------------------------------------------
+
+
+def ray_box_bounds(rays_o: torch.Tensor, rays_d: torch.Tensor, box_warp: float = 2.0
+                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Slab test against the cube [-box_warp/2, box_warp/2]^3.
+    rays_o, rays_d [B,R,3] -> near [B,R], far [B,R], hit [B,R] (bool). Missed rays get near = far = 0
+    (all their samples coincide, so delta = 0 and they composite to nothing)."""
+    half = box_warp / 2
+    d = torch.where(rays_d.abs() < 1e-12, torch.full_like(rays_d, 1e-12), rays_d)
+    t0 = (-half - rays_o) / d
+    t1 = (half - rays_o) / d
+    near = torch.minimum(t0, t1).amax(-1).clamp(min=0)
+    far = torch.maximum(t0, t1).amin(-1)
+    hit = far > near
+    zero = torch.zeros_like(near)
+    return torch.where(hit, near, zero), torch.where(hit, far, zero), hit
+
+
+def stratified_depths(near: torch.Tensor, far: torch.Tensor, n_samples: int, *, perturb: bool = False,
+                      generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """near, far [B,R] -> [B,R,S] ascending: t_i = near + (i + u_i) (far - near) / S, u_i = 0.5, or
+    uniform in [0,1) per sample with perturb."""
+    B, R = near.shape
+    i = torch.arange(n_samples, device=near.device, dtype=near.dtype)
+    if perturb:
+        u = torch.rand(B, R, n_samples, device=near.device, dtype=near.dtype, generator=generator)
+    else:
+        u = torch.full((B, R, n_samples), 0.5, device=near.device, dtype=near.dtype)
+    return near.unsqueeze(-1) + (i + u) * ((far - near) / n_samples).unsqueeze(-1)
+
+
+def smooth_weights(weights: torch.Tensor) -> torch.Tensor:
+    """EG3D's smoothing of coarse weights [..., I]: max-pool (2, stride 1, pad 1) then average-pool
+    (2, stride 1) -> same length, plus 0.01 so no interval has zero probability."""
+    shape = weights.shape
+    w = weights.reshape(-1, 1, shape[-1]).float()
+    w = F.max_pool1d(w, 2, 1, padding=1)
+    w = F.avg_pool1d(w, 2, 1)
+    return (w.reshape(shape) + 0.01).to(weights.dtype)
+
+
+def importance_depths(coarse_depths: torch.Tensor, coarse_weights: torch.Tensor, n_samples: int, *,
+                      deterministic: bool = False, generator: Optional[torch.Generator] = None,
+                      eps: float = 1e-5) -> torch.Tensor:
+    """Inverse-CDF samples from the piecewise-constant pdf over the coarse intervals.
+    coarse_depths [B,R,S] ascending, coarse_weights [B,R,S-1] (the composite weights) -> [B,R,n] ascending.
+    Interval i ([t_i, t_{i+1}]) gets probability proportional to smooth_weights(w)_i + eps."""
+    B, R, S = coarse_depths.shape
+    w = smooth_weights(coarse_weights.detach()) + eps
+    pdf = w / w.sum(-1, keepdim=True)
+    cdf = torch.cat([torch.zeros_like(pdf[..., :1]), torch.cumsum(pdf, -1)], -1)  # [B,R,S]
+    cdf = cdf.clamp(max=1.0).contiguous()
+    if deterministic:
+        u = torch.linspace(0, 1, n_samples, device=cdf.device, dtype=cdf.dtype).expand(B, R, n_samples)
+    else:
+        u = torch.rand(B, R, n_samples, device=cdf.device, dtype=cdf.dtype, generator=generator)
+    u = u.contiguous()
+    idx = torch.searchsorted(cdf, u, right=True).clamp(1, S - 1)
+    lo, hi = idx - 1, idx
+    c0, c1 = cdf.gather(-1, lo), cdf.gather(-1, hi)
+    t0, t1 = coarse_depths.gather(-1, lo), coarse_depths.gather(-1, hi)
+    denom = torch.where(c1 - c0 < eps, torch.ones_like(c0), c1 - c0)
+    frac = ((u - c0) / denom).clamp(0, 1)
+    return (t0 + frac * (t1 - t0)).detach()
+
+
+def depths_around_target(target_depth: torch.Tensor, n_samples: int, spread: float, *,
+                         near: Optional[torch.Tensor] = None, far: Optional[torch.Tensor] = None,
+                         perturb: bool = False, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """n samples spread evenly over [target - spread, target + spread] (jittered within their bins
+    with perturb), clamped to [near, far] when given. target_depth [B,R] -> [B,R,n] ascending."""
+    B, R = target_depth.shape
+    base = stratified_depths(target_depth - spread, target_depth + spread, n_samples, perturb=perturb,
+                             generator=generator)
+    if near is not None:
+        base = torch.maximum(base, near.unsqueeze(-1))
+    if far is not None:
+        base = torch.minimum(base, far.unsqueeze(-1))
+    return base
+
+
+def merge_depths(*depths: torch.Tensor) -> torch.Tensor:
+    """Concatenate [B,R,S_k] sample sets and sort ascending -> [B,R,sum S_k]."""
+    return torch.sort(torch.cat(depths, dim=-1), dim=-1).values
