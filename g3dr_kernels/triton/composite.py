@@ -46,30 +46,26 @@ def _launch_config(n_rays: int, d: int) -> Tuple[int, int, int]:
 
 
 @triton.jit
-def _softplus(x):
-    """torch.nn.functional.softplus (beta 1, threshold 20): x if x > 20 else log1p(exp(x)), written as
-    max(x, 0) + log1p(exp(-|x|)) with an exact-enough log1p (tl has none that the interpreter runs)."""
+def _interval(s0, s1, d0, d1, density_bias, WITH_GRAD: tl.constexpr):
+    """One interval from its two samples: (alpha, e = exp(-sp delta), the transmittance factor
+    1 - alpha + 1e-10, mid depth t, delta, d sp / d x or None). One helper, not several: every device
+    function call costs the Triton interpreter a re-patch of tl (~1 ms), and this one runs per interval.
+    sp = torch's softplus (beta 1, threshold 20): x if x > 20 else log1p(exp(x)), written as
+    max(x, 0) + log1p(exp(-|x|)) with Goldberg's log1p(z) = log(u) z / (u - 1), u = 1 + z (tl has
+    no log1p the interpreter runs); it is z where u rounds to 1."""
+    x = 0.5 * (s0 + s1) + density_bias
     z = tl.exp(-tl.abs(x))
     u = 1.0 + z
-    # log1p(z) = log(u) * z / (u - 1) (Goldberg): exact to a few ulps, = z when u rounds to 1
-    log1p_z = tl.where(u == 1.0, z, tl.log(u) * (z / (u - 1.0)))
-    return tl.where(x > 20.0, x, tl.maximum(x, 0.0) + log1p_z)
-
-
-@triton.jit
-def _softplus_grad(x):
-    return tl.where(x > 20.0, 1.0, 1.0 / (1.0 + tl.exp(-x)))
-
-
-@triton.jit
-def _interval(s0, s1, d0, d1, density_bias):
-    """alpha, e = 1 - alpha, the transmittance factor 1 - alpha + 1e-10, mid depth, mid density."""
-    x = 0.5 * (s0 + s1) + density_bias
+    log1p_z = tl.where(u == 1.0, z, tl.log(u) * (z / tl.where(u == 1.0, 1.0, u - 1.0)))
+    sp = tl.where(x > 20.0, x, tl.maximum(x, 0.0) + log1p_z)
     delta = d1 - d0
-    e = tl.exp(-_softplus(x) * delta)
+    e = tl.exp(-sp * delta)
     alpha = 1.0 - e
     keep = (1.0 - alpha) + 1e-10  # same rounding as the reference's `1 - alpha + 1e-10`
-    return alpha, e, keep, 0.5 * (d0 + d1), x, delta
+    dsp_dx = None
+    if WITH_GRAD:
+        dsp_dx = tl.where(x > 20.0, 1.0, 1.0 / (1.0 + tl.exp(-x)))
+    return alpha, e, keep, 0.5 * (d0 + d1), delta, dsp_dx
 
 
 @triton.jit
@@ -97,7 +93,7 @@ def _composite_fwd_kernel(sigma_ptr, rgb_ptr, depths_ptr, out_rgb_ptr, out_depth
         s1 = tl.load(sigma_ptr + s_base + (i + 1), mask=rmask, other=0.0).to(ACC)
         d1 = tl.load(depths_ptr + s_base + (i + 1), mask=rmask, other=0.0).to(ACC)
         c1 = tl.load(rgb_ptr + c_base + (i + 1) * D, mask=cmask, other=0.0).to(ACC)
-        alpha, e, keep, t, x, delta = _interval(s0, s1, d0, d1, density_bias)
+        alpha, e, keep, t, delta, _ = _interval(s0, s1, d0, d1, density_bias, False)
         w = alpha * T
         acc_o += w
         acc_t += w * t
@@ -129,7 +125,7 @@ def _total_wg(sigma_ptr, rgb_ptr, depths_ptr, gw_ptr, s_base, c_base, w_base, rm
     for i in range(0, S - 1):
         s1 = tl.load(sigma_ptr + s_base + (i + 1), mask=rmask, other=0.0).to(ACC)
         d1 = tl.load(depths_ptr + s_base + (i + 1), mask=rmask, other=0.0).to(ACC)
-        alpha, e, keep, t, x, delta = _interval(s0, s1, d0, d1, density_bias)
+        alpha, e, keep, t, delta, _ = _interval(s0, s1, d0, d1, density_bias, False)
         G = tl.zeros((BLOCK_R,), ACC)
         if HAS_GRAD_WEIGHTS:
             G += tl.load(gw_ptr + w_base + i, mask=rmask, other=0.0).to(ACC)
@@ -198,7 +194,7 @@ def _composite_bwd_kernel(g_rgb_ptr, g_depth_ptr, g_opacity_ptr, g_weights_ptr, 
         s1 = tl.load(sigma_ptr + s_base + (i + 1), mask=rmask, other=0.0).to(ACC)
         d1 = tl.load(depths_ptr + s_base + (i + 1), mask=rmask, other=0.0).to(ACC)
         c1 = tl.load(rgb_ptr + c_base + (i + 1) * D, mask=cmask, other=0.0).to(ACC)
-        alpha, e, keep, t, x, delta = _interval(s0, s1, d0, d1, density_bias)
+        alpha, e, keep, t, delta, dsp_dx = _interval(s0, s1, d0, d1, density_bias, True)
         w = alpha * T
         G = tl.sum(g_c * (0.5 * (c0 + c1)), axis=1) + g_dscale * (t - depth) + g_base
         if HAS_GRAD_WEIGHTS:
@@ -206,7 +202,7 @@ def _composite_bwd_kernel(g_rgb_ptr, g_depth_ptr, g_opacity_ptr, g_weights_ptr, 
         prefix += w * G
         suffix = total - prefix
         g_sp = delta * (T * G * e - suffix * (e / keep))
-        g_s = g_sp * _softplus_grad(x)
+        g_s = g_sp * dsp_dx
         g_cm = w[:, None] * g_c
         if HAS_TARGET:
             diff = target - t
