@@ -214,9 +214,9 @@ def test_non_contiguous(dev):
 
 def test_numerics_extremes(dev):
     """Huge densities (alpha == 1 exactly, e underflows), zero-length intervals (delta = 0), very
-    negative densities (alpha ~ 0): everything finite, and as close to the float64 answer as the
+    negative densities (alpha ~ 0), alpha within 2^-24 of 1: everything finite, and as close to the float64 answer as the
     float32 reference is."""
-    sigma, rgb, depths, tgt = make(1, 6, 16, 3, dev, sigma_scale=1.0)
+    sigma, rgb, depths, tgt = make(1, 8, 16, 3, dev, sigma_scale=1.0)
     sigma[0, 0, 3:6] = 1e4                  # opaque surface early on the ray
     sigma[0, 1, :] = 60.0                   # every interval nearly opaque
     sigma[0, 2, :] = -80.0                  # empty ray: softplus ~ exp(-81)
@@ -224,6 +224,11 @@ def test_numerics_extremes(dev):
     depths[0, 4, :] = depths[0, 4, 0]       # all intervals empty
     sigma[0, 5, 2] = 3e4                    # alpha -> 1 with delta = 0 beside it
     depths[0, 5, 2:4] = depths[0, 5, 2]
+    # e = exp(-sp delta) just below fp32's 2^-24, where fl(1 - fl(1 - e)) = 0: 1 - alpha + 1e-10 is
+    # then only right when formed from e
+    depths[0, 6:] = 1 + 0.1 * torch.arange(16, device=dev)
+    sigma[0, 6, 3:5] = 181.0                # sp delta = 18: e = 1.5e-8
+    sigma[0, 7, 3:5] = 151.0                # sp delta = 15: e = 3e-7
     got = check_against_reference(sigma, rgb, depths, tgt, white_background=True)
     rgb_o, depth_o, opacity, weights, gs, gc = got
     assert opacity[0, 0] > 0.999 and opacity[0, 2] < 1e-6 and opacity[0, 4] == 0
@@ -249,3 +254,46 @@ def test_opcheck(dev):
     args = (sigma.requires_grad_(), rgb.requires_grad_(), depths, tgt, 1.25, 0.03, 0.05, 1.0, -1.0, 1e-3, True,
             True, "triton")
     torch.library.opcheck(op.composite_fwd, args)
+
+
+_AOT = r"""
+import os, sys
+os.environ.pop("TRITON_INTERPRET", None)  # the real compiler, not the interpreter
+import triton, triton.language as tl
+from triton.compiler import ASTSource
+from triton.backends.compiler import GPUTarget
+from g3dr_kernels.triton import composite as tc
+
+def build(jf, cst, elem, num_warps):
+    sig = {n: ("*" + elem if n.endswith("_ptr") else "i32" if n in ("n_rays", "S", "D") else "fp32")
+           for n in jf.arg_names}
+    sig.update({n: "constexpr" for n in cst})
+    src = ASTSource(jf, sig, constexprs={(jf.arg_names.index(n),): v for n, v in cst.items()})
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
+    assert k.asm["cubin"], "no cubin"
+
+for elem, acc, d in (("fp32", tl.float32, 3), ("bf16", tl.float32, 32), ("fp64", tl.float64, 64)):
+    br, bd, nw = tc._launch_config(10 ** 5, d)
+    build(tc._composite_fwd_kernel, dict(WHITE_BG=True, NEED_WEIGHTS=True, ACC=acc, BLOCK_R=br, BLOCK_D=bd), elem, nw)
+    build(tc._composite_bwd_kernel, dict(HAS_TARGET=True, WHITE_BG=True, HAS_GRAD_WEIGHTS=True,
+                                         FIRST_PASS_FULL=elem == "bf16", ACC=acc, BLOCK_R=br, BLOCK_D=bd), elem, nw)
+print("compiled")
+"""
+
+
+def test_compiles_for_sm90_without_gpu():
+    """The interpreter accepts code the Triton compiler rejects (e.g. None in a returned tuple): compile
+    both kernels for sm_90 (Triton's frontend, LLVM, ptxas), no GPU needed."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import triton.backends
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip("this triton has no nvidia backend")
+    root = str(Path(__file__).resolve().parent.parent)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
+               TRITON_DEFAULT_FP_FUSION="1")
+    res = subprocess.run([sys.executable, "-c", _AOT], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "compiled" in res.stdout, res.stderr[-3000:]
