@@ -5,6 +5,8 @@ Per ray, on the S-1 intervals i = 0..S-2 (mid values of adjacent samples):
     x_i = (sigma_i + sigma_{i+1}) / 2 + density_bias,  sp_i = softplus(x_i) (torch's, threshold 20)
     delta_i = depths_{i+1} - depths_i,  t_i = (depths_i + depths_{i+1}) / 2,  c_i = (rgb_i + rgb_{i+1}) / 2
     e_i = exp(-sp_i delta_i),  alpha_i = 1 - e_i,  T_i = prod_{j<i} (1 - alpha_j + 1e-10),  w_i = alpha_i T_i
+    (the factor 1 - alpha_j + 1e-10 is formed as e_j + 1e-10: equal in exact arithmetic, and right in
+     floating point where alpha_j rounds to 1; the float32 reference rounds it through alpha_j)
     rgb = sum w_i c_i (+ 1 - opacity if white_bg),  opacity = sum w_i,  depth = sum w_i t_i / (opacity + eps)
 Backward, one forward scan per ray (O(S), no per-ray buffers):
     G_i = dL/dw_i = g_rgb . c_i + g_depth (t_i - depth) / (opacity + eps) + g_opacity
@@ -13,8 +15,9 @@ Backward, one forward scan per ray (O(S), no per-ray buffers):
                from the saved outputs (or from a first scan: see _total_wg)
     dL/dalpha_i = T_i G_i - suffix_i / (1 - alpha_i + 1e-10)
     dL/dsp_i = dL/dalpha_i * delta_i e_i = delta_i (T_i G_i e_i - suffix_i * [e_i / (1 - alpha_i + 1e-10)])
-        (the bracket is formed first: it stays <= ~1 as alpha -> 1, so the cancellation error of suffix_i
-         is not amplified, and it is 0, not 0/0, when e_i underflows)
+        (the bracket e_i / (e_i + 1e-10) <= 1 is formed first, so the cancellation error of suffix_i,
+         ~ulp * |total|, is never amplified, and it is 0, not 0/0, when e_i underflows; that error is what
+         intervals behind an opaque surface get instead of ~0: ~1e-8 relative to total in fp32)
     dL/dx_i = dL/dsp_i * sigmoid(x_i) (1 where x_i > 20),  dL/dc_i = w_i g_rgb
     with a target x: both multiplied by k_i = min(c_max, max(s1 exp(-(x - t_i)^2 / s2), c_min))
     each sample gets half of the gradient of each interval next to it.
