@@ -15,16 +15,19 @@ buffer, cast to the plane dtype at the end); grad_xyz[b,n,k] = scale * sum over 
 axis k, levels and channels of (d out / d ix) * W/2 (or d out / d iy * H/2), the bilinear derivative.
 
 Layout: one program per (block of BLOCK_N points, block of BLOCK_C channels, batch element), holding
-a [BLOCK_C, BLOCK_N] tile (channels masked past C). Points are the tile's last (fastest) dimension so
-that threads spread over points and each keeps its points' weights and corner offsets once, with the
-channels in registers (the channels of a corner are H*W apart in memory: nothing to coalesce there). It runs one loop over the 3 * levels
-(level, plane) pairs -- a loop, not unrolled code, so registers and compile time stay those of one
-bilinear gather whatever the pyramid. Levels are passed as up to LEVELS_PER_LAUNCH separate
-pointers, picked in the loop; longer pyramids are split into several launches whose results are
-summed. Channel blocks of one point add their xyz gradients atomically. Accumulation is in float32 (float64 for float64 planes, so
-gradcheck works under the interpreter), offsets in int64. fp16/bf16 planes may come with float32 (or
-same-dtype) points; the output has the plane dtype. Points with a non-finite coordinate give NaN
-features and xyz gradients, as the reference does, and add nothing to the plane gradients.
+a [BLOCK_C, BLOCK_N] tile (channels masked past C). Points are the tile's last (fastest) dimension, so
+threads spread over points and each keeps its points' weights and corner offsets once, with the
+channels in registers (the channels of a corner are H*W apart in memory: nothing to coalesce there).
+Each program runs one loop over the 3 * levels (level, plane) pairs -- a loop, not unrolled code, so
+registers and compile time stay those of one bilinear gather whatever the pyramid. Levels are passed
+as up to LEVELS_PER_LAUNCH separate pointers, picked in the loop; longer pyramids are split into
+several launches whose results are summed. Channel blocks of one point add their xyz gradients
+atomically.
+
+Precision: accumulation in float32 (float64 for float64 planes, so gradcheck works under the
+interpreter), offsets in int64. fp16/bf16 planes may come with float32 (or same-dtype) points; the
+output has the plane dtype. Points with a non-finite coordinate give NaN features and xyz
+gradients, as the reference does, and add nothing to the plane gradients.
 """
 from __future__ import annotations
 
@@ -299,12 +302,10 @@ def _meta(plane_axes: int, acc: torch.dtype) -> dict:
 
 
 def _level_args(chunk: Sequence[torch.Tensor]):
-    """LEVELS_PER_LAUNCH pointers and (H, W) pairs; unused slots repeat level 0 (never read)."""
-    ptrs = list(chunk) + [chunk[0]] * (LEVELS_PER_LAUNCH - len(chunk))
-    sizes = []
-    for i in range(LEVELS_PER_LAUNCH):
-        sizes += list(chunk[i].shape[-2:]) if i < len(chunk) else [1, 1]
-    return ptrs, sizes
+    """LEVELS_PER_LAUNCH pointers and (H, W) pairs; unused slots repeat level 0 (never read; its
+    sizes rather than 1s, which Triton would specialise on and compile another variant for)."""
+    padded = list(chunk) + [chunk[0]] * (LEVELS_PER_LAUNCH - len(chunk))
+    return padded, [int(s) for lv in padded for s in lv.shape[-2:]]
 
 
 def _chunks(items: Sequence, k: int = LEVELS_PER_LAUNCH) -> List[list]:
