@@ -478,7 +478,8 @@ def _tl_dtype(dt: torch.dtype):
     return tl.float64 if dt == torch.float64 else tl.float32
 
 
-def _sizes(levels: Sequence[Tensor], depths: Tensor, w1: Tensor, w2: Tensor) -> Tuple[int, ...]:
+def _sizes(levels: Sequence[Tensor], depths: Tensor, w1: Tensor, w2: Tensor, *others: Optional[Tensor]
+           ) -> Tuple[int, ...]:
     if len(levels) < 1:
         raise ValueError("render needs at least one plane level")
     B, R, S = depths.shape
@@ -487,8 +488,8 @@ def _sizes(levels: Sequence[Tensor], depths: Tensor, w1: Tensor, w2: Tensor) -> 
     if max(CP, HP, DP) > MAX_PAD:
         raise ValueError(f"triton render supports C, hidden and 1+D up to {MAX_PAD}; got planes "
                          f"{list(levels[0].shape)}, w1 {list(w1.shape)}, w2 {list(w2.shape)}")
-    for t in (*levels, depths, w1, w2):
-        if not t.is_contiguous():
+    for t in (*levels, depths, w1, w2, *others):
+        if t is not None and not t.is_contiguous():
             raise ValueError(f"triton render expects contiguous inputs, got one of shape {list(t.shape)}")
     return B, R, S, C, HID, D, CP, HP, DP
 
@@ -537,7 +538,7 @@ def render_fwd(levels: List[Tensor], rays_o: Tensor, rays_d: Tensor, depths: Ten
                need_weights: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> (rgb [B,R,D], depth [B,R], opacity [B,R], weights [B,R,S-1] or an empty tensor).
     The forward ignores target and the kernel constants (they only scale gradients)."""
-    B, R, S, C, HID, D, *_ = _sizes(levels, depths, w1, w2)
+    B, R, S, C, HID, D, *_ = _sizes(levels, depths, w1, w2, rays_o, rays_d, b1, b2, target)
     rgb = depths.new_empty(B, R, D)
     dep = depths.new_empty(B, R)
     op = depths.new_empty(B, R)
@@ -555,7 +556,7 @@ def render_bwd(grad_rgb: Tensor, grad_depth: Tensor, grad_opacity: Tensor, grad_
                out_opacity: Tensor, scale: float, plane_axes: int, s1: float, s2: float, c_min: float,
                c_max: float, density_bias: float, eps: float, white_bg: bool) -> List[Tensor]:
     """-> [grad of each level..., grad_w1, grad_b1, grad_w2, grad_b2]."""
-    B, R, S, C, HID, D, CP, HP, DP = _sizes(levels, depths, w1, w2)
+    B, R, S, C, HID, D, CP, HP, DP = _sizes(levels, depths, w1, w2, rays_o, rays_d, b1, b2, target)
     n = B * R
     cdt = _compute_dtype(*levels, depths, w1)
     gplanes = [torch.zeros(lv.shape, dtype=cdt, device=lv.device) for lv in levels]
