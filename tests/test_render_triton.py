@@ -166,6 +166,15 @@ def test_many_programs_and_persistent_loop(monkeypatch):
     check_parity(case, use_target=True, white=True)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_plane_layouts(monkeypatch, channels_last):
+    """The kernel reads planes channels-first as given, or channels-last ([B,3,H,W,C], the GPU
+    default); both layouts, and the gradient's permutation back, agree with the reference."""
+    monkeypatch.setattr(tr, "_channels_last", lambda device: channels_last)
+    case = make_case(B=2, R=5, S=4, C=8, hidden=16, D=3, levels=2, HW=(8, 6), seed=11)
+    check_parity(case, use_target=True)
+
+
 def test_float32_within_twice_torch_error():
     """float32 against the float64 oracle: the kernel's error at most 2x the error of the float32
     PyTorch reference (different summation order, same precision), plus a floor of 64 float32 ulps

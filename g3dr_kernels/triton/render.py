@@ -51,6 +51,12 @@ BLOCK_R_BWD = 16
 # so fewer, wider programs: up to this many rays per program.
 BLOCK_R_INTERPRET = 64
 NUM_WARPS = 4
+# No software pipelining of the sample loop: its loads are gathers (up to 36 [BLOCK_R, C] tiles per
+# sample), and multi-buffering them took ~168 KB of shared memory per program at C=32 (sm_90 compile).
+NUM_STAGES = 1
+# Planes go to the kernel channels-last on the GPU ([B,3,H,W,C], one copy per call) so the C channels
+# of a texel are one contiguous read instead of C reads H*W apart. Unmeasured (no GPU while writing).
+CHANNELS_LAST_GPU = True
 MAX_PAD = 256  # widest padded C / hidden / 1+D accepted (register tiles beyond this spill badly)
 BWD_PROGRAMS_PER_SM = 4  # backward is persistent: programs loop over ray blocks, few partial sums
 
@@ -138,66 +144,69 @@ def _bilinear(a, b, H, W):
 
 
 @triton.jit
+def _texel(bidx, p: tl.constexpr, cc, x, y, H, W, C, CL: tl.constexpr):
+    """[BR, CP] int64 element offsets of texel (x, y), channels cc, plane p of each ray's batch.
+    Layout [B,3,C,H,W], or [B,3,H,W,C] with CL (channels-last: a texel's channels are contiguous)."""
+    plane = (bidx * 3 + p) * H * W * C  # [BR] int64: start of the plane in either layout
+    pix = y.to(tl.int64) * W + x
+    if CL:
+        return (plane + pix * C)[:, None] + cc[None, :]
+    else:
+        return (plane + pix)[:, None] + (cc.to(tl.int64) * H * W)[None, :]
+
+
+@triton.jit
 def _level_feats(ptr, H, W, bidx, ux, uy, uz, cc, cmask, rmask, C, CDT: tl.constexpr,
-                 PLANE_AXES: tl.constexpr):
+                 PLANE_AXES: tl.constexpr, CL: tl.constexpr):
     """Mean over the 3 planes of one level, [BR, CP] (zeros in padded channels / dead rows)."""
-    chan = cc.to(tl.int64) * H * W  # [CP]; int64 from here on
+    m = rmask[:, None] & cmask[None, :]
     out = tl.zeros([bidx.shape[0], cc.shape[0]], CDT)
     for p in tl.static_range(3):
         a, b = _plane_coords(ux, uy, uz, p, PLANE_AXES)
         x0, y0, x1, y1, wx0, wy0, wx1, wy1, vx0, vy0, vx1, vy1 = _bilinear(a, b, H, W)
-        base = (bidx * 3 + p) * C * H * W  # [BR] int64
-        rows = base[:, None] + chan[None, :]
-        m = rmask[:, None] & cmask[None, :]
-        r00 = (y0.to(tl.int64) * W + x0)[:, None]
-        r01 = (y0.to(tl.int64) * W + x1)[:, None]
-        r10 = (y1.to(tl.int64) * W + x0)[:, None]
-        r11 = (y1.to(tl.int64) * W + x1)[:, None]
-        v00 = tl.load(ptr + rows + r00, mask=m & (vy0 & vx0)[:, None], other=0.0).to(CDT)
-        v01 = tl.load(ptr + rows + r01, mask=m & (vy0 & vx1)[:, None], other=0.0).to(CDT)
-        v10 = tl.load(ptr + rows + r10, mask=m & (vy1 & vx0)[:, None], other=0.0).to(CDT)
-        v11 = tl.load(ptr + rows + r11, mask=m & (vy1 & vx1)[:, None], other=0.0).to(CDT)
-        out += (v00 * (wx0 * wy0)[:, None] + v01 * (wx1 * wy0)[:, None] + v10 * (wx0 * wy1)[:, None]
-                + v11 * (wx1 * wy1)[:, None])
+        v00 = tl.load(ptr + _texel(bidx, p, cc, x0, y0, H, W, C, CL), mask=m & (vy0 & vx0)[:, None], other=0.0)
+        v01 = tl.load(ptr + _texel(bidx, p, cc, x1, y0, H, W, C, CL), mask=m & (vy0 & vx1)[:, None], other=0.0)
+        v10 = tl.load(ptr + _texel(bidx, p, cc, x0, y1, H, W, C, CL), mask=m & (vy1 & vx0)[:, None], other=0.0)
+        v11 = tl.load(ptr + _texel(bidx, p, cc, x1, y1, H, W, C, CL), mask=m & (vy1 & vx1)[:, None], other=0.0)
+        out += (v00.to(CDT) * (wx0 * wy0)[:, None] + v01.to(CDT) * (wx1 * wy0)[:, None]
+                + v10.to(CDT) * (wx0 * wy1)[:, None] + v11.to(CDT) * (wx1 * wy1)[:, None])
     return out / 3.0
 
 
 @triton.jit
-def _level_scatter(gptr, H, W, bidx, ux, uy, uz, df, cc, cmask, rmask, C, PLANE_AXES: tl.constexpr):
+def _level_scatter(gptr, H, W, bidx, ux, uy, uz, df, cc, cmask, rmask, C, PLANE_AXES: tl.constexpr,
+                   CL: tl.constexpr):
     """Adjoint of _level_feats: atomically add df [BR, CP] / 3 times the corner weights."""
-    chan = cc.to(tl.int64) * H * W
+    m = rmask[:, None] & cmask[None, :]
     g = df / 3.0
     for p in tl.static_range(3):
         a, b = _plane_coords(ux, uy, uz, p, PLANE_AXES)
         x0, y0, x1, y1, wx0, wy0, wx1, wy1, vx0, vy0, vx1, vy1 = _bilinear(a, b, H, W)
-        base = (bidx * 3 + p) * C * H * W
-        rows = base[:, None] + chan[None, :]
-        m = rmask[:, None] & cmask[None, :]
-        r00 = (y0.to(tl.int64) * W + x0)[:, None]
-        r01 = (y0.to(tl.int64) * W + x1)[:, None]
-        r10 = (y1.to(tl.int64) * W + x0)[:, None]
-        r11 = (y1.to(tl.int64) * W + x1)[:, None]
-        tl.atomic_add(gptr + rows + r00, g * (wx0 * wy0)[:, None], mask=m & (vy0 & vx0)[:, None])
-        tl.atomic_add(gptr + rows + r01, g * (wx1 * wy0)[:, None], mask=m & (vy0 & vx1)[:, None])
-        tl.atomic_add(gptr + rows + r10, g * (wx0 * wy1)[:, None], mask=m & (vy1 & vx0)[:, None])
-        tl.atomic_add(gptr + rows + r11, g * (wx1 * wy1)[:, None], mask=m & (vy1 & vx1)[:, None])
+        tl.atomic_add(gptr + _texel(bidx, p, cc, x0, y0, H, W, C, CL), g * (wx0 * wy0)[:, None],
+                      mask=m & (vy0 & vx0)[:, None])
+        tl.atomic_add(gptr + _texel(bidx, p, cc, x1, y0, H, W, C, CL), g * (wx1 * wy0)[:, None],
+                      mask=m & (vy0 & vx1)[:, None])
+        tl.atomic_add(gptr + _texel(bidx, p, cc, x0, y1, H, W, C, CL), g * (wx0 * wy1)[:, None],
+                      mask=m & (vy1 & vx0)[:, None])
+        tl.atomic_add(gptr + _texel(bidx, p, cc, x1, y1, H, W, C, CL), g * (wx1 * wy1)[:, None],
+                      mask=m & (vy1 & vx1)[:, None])
 
 
 @triton.jit
 def _feats(planes, hs, ws, bidx, ux, uy, uz, cc, cmask, rmask, C, N_LEVELS: tl.constexpr,
-           CDT: tl.constexpr, PLANE_AXES: tl.constexpr):
+           CDT: tl.constexpr, PLANE_AXES: tl.constexpr, CL: tl.constexpr):
     """Sum over levels: [BR, CP]. planes/hs/ws are tuples, one entry per level."""
-    f = _level_feats(planes[0], hs[0], ws[0], bidx, ux, uy, uz, cc, cmask, rmask, C, CDT, PLANE_AXES)
+    f = _level_feats(planes[0], hs[0], ws[0], bidx, ux, uy, uz, cc, cmask, rmask, C, CDT, PLANE_AXES, CL)
     for lv in tl.static_range(1, N_LEVELS):
-        f += _level_feats(planes[lv], hs[lv], ws[lv], bidx, ux, uy, uz, cc, cmask, rmask, C, CDT, PLANE_AXES)
+        f += _level_feats(planes[lv], hs[lv], ws[lv], bidx, ux, uy, uz, cc, cmask, rmask, C, CDT, PLANE_AXES, CL)
     return f
 
 
 @triton.jit
 def _scatter(gplanes, hs, ws, bidx, ux, uy, uz, df, cc, cmask, rmask, C, N_LEVELS: tl.constexpr,
-             PLANE_AXES: tl.constexpr):
+             PLANE_AXES: tl.constexpr, CL: tl.constexpr):
     for lv in tl.static_range(N_LEVELS):
-        _level_scatter(gplanes[lv], hs[lv], ws[lv], bidx, ux, uy, uz, df, cc, cmask, rmask, C, PLANE_AXES)
+        _level_scatter(gplanes[lv], hs[lv], ws[lv], bidx, ux, uy, uz, df, cc, cmask, rmask, C, PLANE_AXES, CL)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,7 +259,8 @@ def _render_fwd_kernel(
     rgb_ptr, depth_ptr, op_ptr, wts_ptr, gsum_ptr,
     n_rays, R, S, C, HID, D,
     scale, density_bias, eps,
-    N_LEVELS: tl.constexpr, PLANE_AXES: tl.constexpr, WHITE_BG: tl.constexpr, NEED_WEIGHTS: tl.constexpr,
+    N_LEVELS: tl.constexpr, PLANE_AXES: tl.constexpr, CL: tl.constexpr, WHITE_BG: tl.constexpr,
+    NEED_WEIGHTS: tl.constexpr,
     GW_DOT: tl.constexpr, STORE_OUT: tl.constexpr, CDT: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_R: tl.constexpr, CP: tl.constexpr, HP: tl.constexpr, DP: tl.constexpr,
 ):
@@ -294,7 +304,7 @@ def _render_fwd_kernel(
             live = sv > 0
             t = tl.load(dep_ptr + g * S + s, mask=rmask, other=0.0).to(CDT)
             ux, uy, uz = _point(ox, oy, oz, dx, dy, dz, t, scale)
-            f = _feats(planes, hs, ws, bidx, ux, uy, uz, cc, cmask, rmask, C, N_LEVELS, CDT, PLANE_AXES)
+            f = _feats(planes, hs, ws, bidx, ux, uy, uz, cc, cmask, rmask, C, N_LEVELS, CDT, PLANE_AXES, CL)
             pre, o, sig, c = _decode(f, w1t, b1v, w2t, b2v, jj, D, DOT_PREC)
             tm, delta, x, e, alpha, om = _interval(sig_prev, sig, t_prev, t, density_bias, live)
             w = tl.where(live, alpha * T, 0.0)
@@ -350,7 +360,8 @@ def _render_bwd_kernel(
     pw1_ptr, pb1_ptr, pw2_ptr, pb2_ptr,
     n_rays, R, S, C, HID, D,
     scale, s1, s2, c_min, c_max, density_bias, eps,
-    N_LEVELS: tl.constexpr, PLANE_AXES: tl.constexpr, WHITE_BG: tl.constexpr, HAS_TARGET: tl.constexpr,
+    N_LEVELS: tl.constexpr, PLANE_AXES: tl.constexpr, CL: tl.constexpr, WHITE_BG: tl.constexpr,
+    HAS_TARGET: tl.constexpr,
     HAS_GW: tl.constexpr, CDT: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_R: tl.constexpr, CP: tl.constexpr, HP: tl.constexpr, DP: tl.constexpr,
 ):
@@ -424,7 +435,7 @@ def _render_bwd_kernel(
             t = tl.load(dep_ptr + g * S + s, mask=rmask & (sv < S), other=0.0).to(CDT)
             t = tl.where(sv < S, t, t_prev)
             ux, uy, uz = _point(ox, oy, oz, dx, dy, dz, t, scale)
-            f = _feats(planes, hs, ws, bidx, ux, uy, uz, cc, cmask, rmask, C, N_LEVELS, CDT, PLANE_AXES)
+            f = _feats(planes, hs, ws, bidx, ux, uy, uz, cc, cmask, rmask, C, N_LEVELS, CDT, PLANE_AXES, CL)
             pre, o, sig, c = _decode(f, w1t, b1v, w2t, b2v, jj, D, DOT_PREC)
             tm, delta, x, e, alpha, om = _interval(sig_prev, sig, t_prev, t, density_bias, live)
             w = tl.where(live, alpha * T, 0.0)
@@ -448,7 +459,7 @@ def _render_bwd_kernel(
                 f_prev, pre_prev, o_prev, 0.5 * (dsm_left + dsm), 0.5 * (dcm_left + dcm), prow, w1, w2, jj,
                 acc_w1, acc_b1, acc_w2, acc_b2, DOT_PREC)
             pux, puy, puz = _point(ox, oy, oz, dx, dy, dz, t_prev, scale)
-            _scatter(gplanes, hs, ws, bidx, pux, puy, puz, df, cc, cmask, prow, C, N_LEVELS, PLANE_AXES)
+            _scatter(gplanes, hs, ws, bidx, pux, puy, puz, df, cc, cmask, prow, C, N_LEVELS, PLANE_AXES, CL)
             t_prev = t
             sig_prev = sig
             c_prev = c
@@ -494,8 +505,16 @@ def _sizes(levels: Sequence[Tensor], depths: Tensor, w1: Tensor, w2: Tensor, *ot
     return B, R, S, C, HID, D, CP, HP, DP
 
 
-def _plane_args(levels: Sequence[Tensor]):
-    return tuple(levels), tuple(int(lv.shape[3]) for lv in levels), tuple(int(lv.shape[4]) for lv in levels)
+def _kernel_planes(levels: Sequence[Tensor], cl: bool):
+    """(planes tuple in the kernel's layout, heights, widths)."""
+    hs = tuple(int(lv.shape[3]) for lv in levels)
+    ws = tuple(int(lv.shape[4]) for lv in levels)
+    planes = tuple(lv.permute(0, 1, 3, 4, 2).contiguous() for lv in levels) if cl else tuple(levels)
+    return planes, hs, ws
+
+
+def _channels_last(device: torch.device) -> bool:
+    return device.type == "cuda" and CHANNELS_LAST_GPU
 
 
 def _block_r(gpu_block: int, n: int, device: torch.device) -> int:
@@ -511,25 +530,22 @@ def _device_programs(device: torch.device, n_blocks: int) -> int:
     return max(1, n_blocks)  # interpreter: programs run one after another, the count only sets the partials
 
 
-def _launch_fwd(levels, rays_o, rays_d, depths, w1, b1, w2, b2, scale, plane_axes, density_bias, eps, white_bg,
-                outs, weights, gw, gsum):
-    B, R, S, C, HID, D, CP, HP, DP = _sizes(levels, depths, w1, w2)
+def _launch_fwd(kplanes, cl, rays_o, rays_d, depths, w1, b1, w2, b2, sizes, cdt, scale, plane_axes, density_bias,
+                eps, white_bg, outs, weights, gw, gsum):
+    B, R, S, C, HID, D, CP, HP, DP = sizes
     n = B * R
-    cdt = _compute_dtype(*levels, depths, w1)
-    planes, hs, ws = _plane_args(levels)
+    planes, hs, ws = kplanes
     rgb, dep, op = outs
-    store = rgb is not None
-    dummy = depths
+    dummy = depths  # for pointers a variant does not touch
     block = _block_r(BLOCK_R_FWD, n, depths.device)
-    grid = (triton.cdiv(n, block),)
-    _render_fwd_kernel[grid](
+    _render_fwd_kernel[(triton.cdiv(n, block),)](
         planes, hs, ws, rays_o, rays_d, depths, w1, b1, w2, b2, dummy if gw is None else gw,
         dummy if rgb is None else rgb, dummy if dep is None else dep, dummy if op is None else op,
         dummy if weights is None else weights, dummy if gsum is None else gsum,
         n, R, S, C, HID, D, float(scale), float(density_bias), float(eps),
-        N_LEVELS=len(levels), PLANE_AXES=int(plane_axes), WHITE_BG=bool(white_bg),
-        NEED_WEIGHTS=weights is not None, GW_DOT=gw is not None, STORE_OUT=store, CDT=_tl_dtype(cdt),
-        DOT_PREC="ieee", BLOCK_R=block, CP=CP, HP=HP, DP=DP, num_warps=NUM_WARPS)
+        N_LEVELS=len(planes), PLANE_AXES=int(plane_axes), CL=cl, WHITE_BG=bool(white_bg),
+        NEED_WEIGHTS=weights is not None, GW_DOT=gw is not None, STORE_OUT=rgb is not None, CDT=_tl_dtype(cdt),
+        DOT_PREC="ieee", BLOCK_R=block, CP=CP, HP=HP, DP=DP, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
 
 
 def render_fwd(levels: List[Tensor], rays_o: Tensor, rays_d: Tensor, depths: Tensor, w1: Tensor, b1: Tensor,
@@ -538,15 +554,18 @@ def render_fwd(levels: List[Tensor], rays_o: Tensor, rays_d: Tensor, depths: Ten
                need_weights: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> (rgb [B,R,D], depth [B,R], opacity [B,R], weights [B,R,S-1] or an empty tensor).
     The forward ignores target and the kernel constants (they only scale gradients)."""
-    B, R, S, C, HID, D, *_ = _sizes(levels, depths, w1, w2, rays_o, rays_d, b1, b2, target)
+    sizes = _sizes(levels, depths, w1, w2, rays_o, rays_d, b1, b2, target)
+    B, R, S, C, HID, D, *_ = sizes
     rgb = depths.new_empty(B, R, D)
     dep = depths.new_empty(B, R)
     op = depths.new_empty(B, R)
     weights = depths.new_empty(B, R, max(S - 1, 0)) if need_weights else depths.new_empty(0)
     if B * R == 0:
         return rgb, dep, op, weights
-    _launch_fwd(levels, rays_o, rays_d, depths, w1, b1, w2, b2, scale, plane_axes, density_bias, eps, white_bg,
-                (rgb, dep, op), weights if need_weights else None, None, None)
+    cl = _channels_last(depths.device)
+    _launch_fwd(_kernel_planes(levels, cl), cl, rays_o, rays_d, depths, w1, b1, w2, b2, sizes,
+                _compute_dtype(*levels, depths, w1), scale, plane_axes, density_bias, eps, white_bg, (rgb, dep, op),
+                weights if need_weights else None, None, None)
     return rgb, dep, op, weights
 
 
@@ -556,42 +575,43 @@ def render_bwd(grad_rgb: Tensor, grad_depth: Tensor, grad_opacity: Tensor, grad_
                out_opacity: Tensor, scale: float, plane_axes: int, s1: float, s2: float, c_min: float,
                c_max: float, density_bias: float, eps: float, white_bg: bool) -> List[Tensor]:
     """-> [grad of each level..., grad_w1, grad_b1, grad_w2, grad_b2]."""
-    B, R, S, C, HID, D, CP, HP, DP = _sizes(levels, depths, w1, w2, rays_o, rays_d, b1, b2, target)
+    sizes = _sizes(levels, depths, w1, w2, rays_o, rays_d, b1, b2, target)
+    B, R, S, C, HID, D, CP, HP, DP = sizes
     n = B * R
-    cdt = _compute_dtype(*levels, depths, w1)
-    gplanes = [torch.zeros(lv.shape, dtype=cdt, device=lv.device) for lv in levels]
-    if n == 0 or S < 2:
-        return ([g.to(lv.dtype) for g, lv in zip(gplanes, levels)]
-                + [torch.zeros_like(t) for t in (w1, b1, w2, b2)])
     dev = depths.device
+    if n == 0 or S < 2:
+        return [torch.zeros_like(t) for t in (*levels, w1, b1, w2, b2)]
+    cdt = _compute_dtype(*levels, depths, w1)
+    cl = _channels_last(dev)
+    kplanes = _kernel_planes(levels, cl)
+    gplanes = tuple(torch.zeros(p.shape, dtype=cdt, device=dev) for p in kplanes[0])  # atomics in float32/64
     # The weights' gradient couples every interval of a ray to all later ones through
     # sum_j w_j g_w_j; autograd hands zeros when the weights were not used, so check first.
     gw = gsum = None
     if grad_weights is not None and grad_weights.numel() > 0 and bool((grad_weights != 0).any()):
         gw = grad_weights.contiguous()
         gsum = torch.empty(B, R, dtype=cdt, device=dev)
-        _launch_fwd(levels, rays_o, rays_d, depths, w1, b1, w2, b2, scale, plane_axes, density_bias, eps,
-                    white_bg, (None, None, None), None, gw, gsum)
+        _launch_fwd(kplanes, cl, rays_o, rays_d, depths, w1, b1, w2, b2, sizes, cdt, scale, plane_axes, density_bias,
+                    eps, white_bg, (None, None, None), None, gw, gsum)
     block = _block_r(BLOCK_R_BWD, n, dev)
-    n_blocks = triton.cdiv(n, block)
-    nprog = _device_programs(dev, n_blocks)
+    nprog = _device_programs(dev, triton.cdiv(n, block))
     pw1 = torch.empty(nprog, HP, CP, dtype=cdt, device=dev)
     pb1 = torch.empty(nprog, HP, dtype=cdt, device=dev)
     pw2 = torch.empty(nprog, DP, HP, dtype=cdt, device=dev)
     pb2 = torch.empty(nprog, DP, dtype=cdt, device=dev)
-    planes, hs, ws = _plane_args(levels)
+    planes, hs, ws = kplanes
     _render_bwd_kernel[(nprog,)](
-        planes, tuple(gplanes), hs, ws, rays_o, rays_d, depths, w1, b1, w2, b2,
+        planes, gplanes, hs, ws, rays_o, rays_d, depths, w1, b1, w2, b2,
         depths if target is None else target, depths if gw is None else gw, depths if gsum is None else gsum,
         grad_rgb.contiguous(), grad_depth.contiguous(), grad_opacity.contiguous(), out_rgb.contiguous(),
         out_depth.contiguous(), out_opacity.contiguous(), pw1, pb1, pw2, pb2,
         n, R, S, C, HID, D, float(scale), float(s1), float(s2), float(c_min), float(c_max), float(density_bias),
         float(eps),
-        N_LEVELS=len(levels), PLANE_AXES=int(plane_axes), WHITE_BG=bool(white_bg), HAS_TARGET=target is not None,
-        HAS_GW=gw is not None, CDT=_tl_dtype(cdt), DOT_PREC="ieee", BLOCK_R=block, CP=CP, HP=HP, DP=DP,
-        num_warps=NUM_WARPS)
-    gw1 = pw1.sum(0)[:HID, :C].to(w1.dtype).contiguous()
-    gb1 = pb1.sum(0)[:HID].to(b1.dtype).contiguous()
-    gw2 = pw2.sum(0)[:D + 1, :HID].to(w2.dtype).contiguous()
-    gb2 = pb2.sum(0)[:D + 1].to(b2.dtype).contiguous()
-    return [g.to(lv.dtype) for g, lv in zip(gplanes, levels)] + [gw1, gb1, gw2, gb2]
+        N_LEVELS=len(planes), PLANE_AXES=int(plane_axes), CL=cl, WHITE_BG=bool(white_bg),
+        HAS_TARGET=target is not None, HAS_GW=gw is not None, CDT=_tl_dtype(cdt), DOT_PREC="ieee", BLOCK_R=block,
+        CP=CP, HP=HP, DP=DP, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+    if cl:
+        gplanes = tuple(g.permute(0, 1, 4, 2, 3) for g in gplanes)
+    out = [g.to(lv.dtype).contiguous() for g, lv in zip(gplanes, levels)]
+    out += [pw1.sum(0)[:HID, :C], pb1.sum(0)[:HID], pw2.sum(0)[:D + 1, :HID], pb2.sum(0)[:D + 1]]
+    return out[:len(levels)] + [g.to(t.dtype).contiguous() for g, t in zip(out[len(levels):], (w1, b1, w2, b2))]
