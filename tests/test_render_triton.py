@@ -55,14 +55,15 @@ def make_case(B=2, R=8, S=6, C=8, HW=(8, 8), hidden=16, D=3, levels=2, dtype=tor
 
 
 def run(case, backend, *, use_target, white=False, weights=True, weights_in_loss=True, plane_axes="eg3d",
-        kernel=DepthKernel(s2=0.1), seed=1):
+        kernel=DepthKernel(s2=0.1), box_warp=2.4, seed=1):
     """Render, then gradients of a fixed random projection of the outputs (and of the weights when
-    `weights_in_loss`) with respect to every level and the decoder."""
+    `weights_in_loss`) with respect to every level and the decoder. box_warp 2.4 and s2 0.1 are not
+    float32 numbers, so float64 runs also check that float arguments reach the kernel in float64."""
     pyr = [p.detach().clone().requires_grad_() for p in case["pyr"]]
     dec = {k: case[k].detach().clone().requires_grad_() for k in ("w1", "b1", "w2", "b2")}
     out = render_triplanes(pyr, case["rays_o"], case["rays_d"], case["depths"], dec["w1"], dec["b1"], dec["w2"],
                            dec["b2"], target_depth=case["target"] if use_target else None, kernel=kernel,
-                           levels=len(pyr), plane_axes=plane_axes, white_background=white,
+                           levels=len(pyr), box_warp=box_warp, plane_axes=plane_axes, white_background=white,
                            return_weights=weights, backend=backend)
     outs = [out.rgb, out.depth, out.opacity] + ([out.weights] if weights and weights_in_loss else [])
     inputs = {f"planes[{i}]": p for i, p in enumerate(pyr)}

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 from typing import List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -85,6 +86,16 @@ def _softplus(x):
 def _softplus_grad(x):
     """d softplus / dx as torch computes it: 1 above the threshold, else sigmoid(x)."""
     return tl.where(x > 20.0, 1.0, 1.0 / (1.0 + tl.exp(-x)))
+
+
+@triton.jit
+def _scalar(hi, lo, CDT: tl.constexpr):
+    """A float argument in the compute dtype. Triton passes Python floats as float32, so float64
+    runs get each one as hi + lo (both float32; lo is 0 for float32 runs)."""
+    if CDT == tl.float64:
+        return (tl.zeros([], tl.float64) + hi) + lo  # (no .to: the interpreter passes Python floats)
+    else:
+        return hi
 
 
 @triton.jit
@@ -258,7 +269,7 @@ def _render_fwd_kernel(
     ro_ptr, rd_ptr, dep_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, gw_ptr,
     rgb_ptr, depth_ptr, op_ptr, wts_ptr, gsum_ptr,
     n_rays, R, S, C, HID, D,
-    scale, density_bias, eps,
+    scale_hi, scale_lo, bias_hi, bias_lo, eps_hi, eps_lo,
     N_LEVELS: tl.constexpr, PLANE_AXES: tl.constexpr, CL: tl.constexpr, WHITE_BG: tl.constexpr,
     NEED_WEIGHTS: tl.constexpr,
     GW_DOT: tl.constexpr, STORE_OUT: tl.constexpr, CDT: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -266,6 +277,9 @@ def _render_fwd_kernel(
 ):
     """Forward. STORE_OUT writes rgb/depth/opacity (and weights with NEED_WEIGHTS); GW_DOT instead
     writes sum_i w_i g_w_i per ray (the backward's pre-pass when the weights have a gradient)."""
+    scale = _scalar(scale_hi, scale_lo, CDT)
+    density_bias = _scalar(bias_hi, bias_lo, CDT)
+    eps = _scalar(eps_hi, eps_lo, CDT)
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     n_blocks = tl.cdiv(n_rays, BLOCK_R)
@@ -359,7 +373,8 @@ def _render_bwd_kernel(
     grgb_ptr, gdep_ptr, gop_ptr, orgb_ptr, odep_ptr, oop_ptr,
     pw1_ptr, pb1_ptr, pw2_ptr, pb2_ptr,
     n_rays, R, S, C, HID, D,
-    scale, s1, s2, c_min, c_max, density_bias, eps,
+    scale_hi, scale_lo, s1_hi, s1_lo, s2_hi, s2_lo, cmin_hi, cmin_lo, cmax_hi, cmax_lo, bias_hi, bias_lo,
+    eps_hi, eps_lo,
     N_LEVELS: tl.constexpr, PLANE_AXES: tl.constexpr, CL: tl.constexpr, WHITE_BG: tl.constexpr,
     HAS_TARGET: tl.constexpr,
     HAS_GW: tl.constexpr, CDT: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -369,6 +384,13 @@ def _render_bwd_kernel(
     pid + nprog, ...; plane gradients are atomically added to gplanes (float32/64 buffers), the
     decoder gradients are written once per program to pw1 [nprog, HP, CP], pb1 [nprog, HP],
     pw2 [nprog, DP, HP], pb2 [nprog, DP]."""
+    scale = _scalar(scale_hi, scale_lo, CDT)
+    s1 = _scalar(s1_hi, s1_lo, CDT)
+    s2 = _scalar(s2_hi, s2_lo, CDT)
+    c_min = _scalar(cmin_hi, cmin_lo, CDT)
+    c_max = _scalar(cmax_hi, cmax_lo, CDT)
+    density_bias = _scalar(bias_hi, bias_lo, CDT)
+    eps = _scalar(eps_hi, eps_lo, CDT)
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     n_blocks = tl.cdiv(n_rays, BLOCK_R)
@@ -505,6 +527,12 @@ def _sizes(levels: Sequence[Tensor], depths: Tensor, w1: Tensor, w2: Tensor, *ot
     return B, R, S, C, HID, D, CP, HP, DP
 
 
+def _split(x: float, cdt: torch.dtype) -> Tuple[float, float]:
+    """(hi, lo) float32 parts of x for _scalar: lo carries what float32 drops, for float64 runs."""
+    hi = float(np.float32(x))
+    return hi, (float(np.float32(float(x) - hi)) if cdt == torch.float64 else 0.0)
+
+
 def _kernel_planes(levels: Sequence[Tensor], cl: bool):
     """(planes tuple in the kernel's layout, heights, widths)."""
     hs = tuple(int(lv.shape[3]) for lv in levels)
@@ -542,7 +570,7 @@ def _launch_fwd(kplanes, cl, rays_o, rays_d, depths, w1, b1, w2, b2, sizes, cdt,
         planes, hs, ws, rays_o, rays_d, depths, w1, b1, w2, b2, dummy if gw is None else gw,
         dummy if rgb is None else rgb, dummy if dep is None else dep, dummy if op is None else op,
         dummy if weights is None else weights, dummy if gsum is None else gsum,
-        n, R, S, C, HID, D, float(scale), float(density_bias), float(eps),
+        n, R, S, C, HID, D, *_split(scale, cdt), *_split(density_bias, cdt), *_split(eps, cdt),
         N_LEVELS=len(planes), PLANE_AXES=int(plane_axes), CL=cl, WHITE_BG=bool(white_bg),
         NEED_WEIGHTS=weights is not None, GW_DOT=gw is not None, STORE_OUT=rgb is not None, CDT=_tl_dtype(cdt),
         DOT_PREC="ieee", BLOCK_R=block, CP=CP, HP=HP, DP=DP, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
@@ -605,8 +633,7 @@ def render_bwd(grad_rgb: Tensor, grad_depth: Tensor, grad_opacity: Tensor, grad_
         depths if target is None else target, depths if gw is None else gw, depths if gsum is None else gsum,
         grad_rgb.contiguous(), grad_depth.contiguous(), grad_opacity.contiguous(), out_rgb.contiguous(),
         out_depth.contiguous(), out_opacity.contiguous(), pw1, pb1, pw2, pb2,
-        n, R, S, C, HID, D, float(scale), float(s1), float(s2), float(c_min), float(c_max), float(density_bias),
-        float(eps),
+        n, R, S, C, HID, D, *[v for x in (scale, s1, s2, c_min, c_max, density_bias, eps) for v in _split(x, cdt)],
         N_LEVELS=len(planes), PLANE_AXES=int(plane_axes), CL=cl, WHITE_BG=bool(white_bg),
         HAS_TARGET=target is not None, HAS_GW=gw is not None, CDT=_tl_dtype(cdt), DOT_PREC="ieee", BLOCK_R=block,
         CP=CP, HP=HP, DP=DP, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
