@@ -109,20 +109,17 @@ def _sigmoid(x):
 
 
 @triton.jit
-def _plane_coords(ux, uy, uz, p: tl.constexpr, PLANE_AXES: tl.constexpr):
-    """(a, b) = (width, height) coordinates of plane p: (x,y), (x,z), then (z,x) eg3d / (y,z) xyz."""
-    if p == 0:
-        a = ux
-        b = uy
-    elif p == 1:
-        a = ux
-        b = uz
-    elif PLANE_AXES == 0:
-        a = uz
-        b = ux
+def _plane_coords(ux, uy, uz, p, PLANE_AXES: tl.constexpr):
+    """(a, b) = (width, height) coordinates of plane p (a runtime index): (x,y), (x,z), then (z,x)
+    for eg3d or (y,z) for xyz."""
+    if PLANE_AXES == 0:
+        a2 = uz
+        b2 = ux
     else:
-        a = uy
-        b = uz
+        a2 = uy
+        b2 = uz
+    a = tl.where(p == 2, a2, ux)
+    b = tl.where(p == 0, uy, tl.where(p == 1, uz, b2))
     return a, b
 
 
@@ -155,7 +152,7 @@ def _bilinear(a, b, H, W):
 
 
 @triton.jit
-def _texel(bidx, p: tl.constexpr, cc, x, y, H, W, C, CL: tl.constexpr):
+def _texel(bidx, p, cc, x, y, H, W, C, CL: tl.constexpr):
     """[BR, CP] int64 element offsets of texel (x, y), channels cc, plane p of each ray's batch.
     Layout [B,3,C,H,W], or [B,3,H,W,C] with CL (channels-last: a texel's channels are contiguous)."""
     plane = (bidx * 3 + p) * H * W * C  # [BR] int64: start of the plane in either layout
@@ -172,7 +169,7 @@ def _level_feats(ptr, H, W, bidx, ux, uy, uz, cc, cmask, rmask, C, CDT: tl.const
     """Mean over the 3 planes of one level, [BR, CP] (zeros in padded channels / dead rows)."""
     m = rmask[:, None] & cmask[None, :]
     out = tl.zeros([bidx.shape[0], cc.shape[0]], CDT)
-    for p in tl.static_range(3):
+    for p in range(3):  # a runtime loop: unrolled, the 12 gathers per level all stayed live at once
         a, b = _plane_coords(ux, uy, uz, p, PLANE_AXES)
         x0, y0, x1, y1, wx0, wy0, wx1, wy1, vx0, vy0, vx1, vy1 = _bilinear(a, b, H, W)
         v00 = tl.load(ptr + _texel(bidx, p, cc, x0, y0, H, W, C, CL), mask=m & (vy0 & vx0)[:, None], other=0.0)
@@ -190,7 +187,7 @@ def _level_scatter(gptr, H, W, bidx, ux, uy, uz, df, cc, cmask, rmask, C, PLANE_
     """Adjoint of _level_feats: atomically add df [BR, CP] / 3 times the corner weights."""
     m = rmask[:, None] & cmask[None, :]
     g = df / 3.0
-    for p in tl.static_range(3):
+    for p in range(3):  # a runtime loop: unrolled, the 12 gathers per level all stayed live at once
         a, b = _plane_coords(ux, uy, uz, p, PLANE_AXES)
         x0, y0, x1, y1, wx0, wy0, wx1, wy1, vx0, vy0, vx1, vy1 = _bilinear(a, b, H, W)
         tl.atomic_add(gptr + _texel(bidx, p, cc, x0, y0, H, W, C, CL), g * (wx0 * wy0)[:, None],
@@ -487,8 +484,8 @@ def _render_bwd_kernel(
             T = T * om
             prow = rmask & (sv > 0)
             df, acc_w1, acc_b1, acc_w2, acc_b2 = _sample_bwd(
-                f_prev, pre_prev, o_prev, 0.5 * (dsm_left + dsm), 0.5 * (dcm_left + dcm), prow, w1_ptr, w2_ptr, cc, hh, jj,
-                cmask, hmask, jmask, C, HID, acc_w1, acc_b1, acc_w2, acc_b2, CDT, DOT_PREC)
+                f_prev, pre_prev, o_prev, 0.5 * (dsm_left + dsm), 0.5 * (dcm_left + dcm), prow, w1_ptr, w2_ptr,
+                cc, hh, jj, cmask, hmask, jmask, C, HID, acc_w1, acc_b1, acc_w2, acc_b2, CDT, DOT_PREC)
             pux, puy, puz = _point(ox, oy, oz, dx, dy, dz, t_prev, scale)
             _scatter(gplanes, hs, ws, bidx, pux, puy, puz, df, cc, cmask, prow, C, N_LEVELS, PLANE_AXES, CL)
             t_prev = t
