@@ -45,20 +45,25 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-# Launch heuristics (their one home). BLOCK_R rays per program: >= 16 for tl.dot.
-BLOCK_R_FWD = 32
+# Launch heuristics (their one home). None of this was timed: no GPU was available while writing.
+# What was checked is an sm_90 compile of the C=32, hidden=64, D=3, 3-level case (cuobjdump
+# register/stack use per thread): forward BLOCK_R=32 with 8 warps: 241 registers, no stack; with 4
+# warps it spilled (416 B of stack). Backward BLOCK_R=16 with 8 warps: 255 registers + ~840 B of
+# stack (1.6 KB with 4 warps, 1.7 KB with BLOCK_R=32). tl.dot in "ieee" float32 lowers to FMAs that
+# hold whole K slices of the operands in registers, which is where most of it goes. Re-time on a GPU.
+BLOCK_R_FWD = 32  # rays per program, >= 16 for tl.dot
 BLOCK_R_BWD = 16
+NUM_WARPS = 8
 # Under TRITON_INTERPRET=1 every tl op costs interpreter overhead while numpy work is nearly free,
 # so fewer, wider programs: up to this many rays per program.
 BLOCK_R_INTERPRET = 64
-NUM_WARPS = 4
 # No software pipelining of the sample loop: its loads are gathers (up to 36 [BLOCK_R, C] tiles per
 # sample), and multi-buffering them took ~168 KB of shared memory per program at C=32 (sm_90 compile).
 NUM_STAGES = 1
 # Planes go to the kernel channels-last on the GPU ([B,3,H,W,C], one copy per call) so the C channels
-# of a texel are one contiguous read instead of C reads H*W apart. Unmeasured (no GPU while writing).
+# of a texel are one contiguous read instead of C reads H*W apart (unmeasured).
 CHANNELS_LAST_GPU = True
-MAX_PAD = 256  # widest padded C / hidden / 1+D accepted (register tiles beyond this spill badly)
+MAX_PAD = 256  # widest padded C / hidden / 1+D accepted
 BWD_PROGRAMS_PER_SM = 4  # backward is persistent: programs loop over ray blocks, few partial sums
 
 
@@ -355,7 +360,7 @@ def _render_fwd_kernel(
 
 
 @triton.jit
-def _sample_bwd(f, pre, o, g_sig, g_c, prow, w1_ptr, w2_ptr, cc, hh, jj, cmask, hmask, jmask, C, HID,
+def _sample_bwd(f, o, g_sig, g_c, prow, w1_ptr, b1v, w2_ptr, cc, hh, jj, cmask, hmask, jmask, C, HID,
                 acc_w1, acc_b1, acc_w2, acc_b2, CDT: tl.constexpr, DOT_PREC: tl.constexpr):
     """Decoder backward for one sample tile given dL/dsigma [BR] and dL/dc [BR, DP] (column layout
     of _decode); rows outside `prow` contribute nothing. Returns dL/df [BR, CP] and the updated
@@ -363,6 +368,8 @@ def _sample_bwd(f, pre, o, g_sig, g_c, prow, w1_ptr, w2_ptr, cc, hh, jj, cmask, 
     sg = _sigmoid(o)
     g_o = tl.where(jj[None, :] == 0, g_sig[:, None], g_c * ((1.0 + 2e-3) * sg * (1.0 - sg)))
     g_o = tl.where(prow[:, None], g_o, 0.0)
+    # the hidden pre-activation is recomputed rather than carried over from the previous step
+    pre = tl.dot(f, _tile(w1_ptr, cc, hh, cmask, hmask, 1, C, CDT), input_precision=DOT_PREC) + b1v[None, :]
     h = _softplus(pre)
     acc_w2 += tl.dot(tl.trans(g_o), h, input_precision=DOT_PREC)  # [DP, HP]
     acc_b2 += tl.sum(g_o, axis=0)
@@ -448,7 +455,6 @@ def _render_bwd_kernel(
         sig_prev = tl.zeros([BLOCK_R], CDT)
         c_prev = tl.zeros([BLOCK_R, DP], CDT)
         f_prev = tl.zeros([BLOCK_R, CP], CDT)
-        pre_prev = tl.zeros([BLOCK_R, HP], CDT)
         o_prev = tl.zeros([BLOCK_R, DP], CDT)
         dsm_left = tl.zeros([BLOCK_R], CDT)
         dcm_left = tl.zeros([BLOCK_R, DP], CDT)
@@ -484,7 +490,7 @@ def _render_bwd_kernel(
             T = T * om
             prow = rmask & (sv > 0)
             df, acc_w1, acc_b1, acc_w2, acc_b2 = _sample_bwd(
-                f_prev, pre_prev, o_prev, 0.5 * (dsm_left + dsm), 0.5 * (dcm_left + dcm), prow, w1_ptr, w2_ptr,
+                f_prev, o_prev, 0.5 * (dsm_left + dsm), 0.5 * (dcm_left + dcm), prow, w1_ptr, b1v, w2_ptr,
                 cc, hh, jj, cmask, hmask, jmask, C, HID, acc_w1, acc_b1, acc_w2, acc_b2, CDT, DOT_PREC)
             pux, puy, puz = _point(ox, oy, oz, dx, dy, dz, t_prev, scale)
             _scatter(gplanes, hs, ws, bidx, pux, puy, puz, df, cc, cmask, prow, C, N_LEVELS, PLANE_AXES, CL)
@@ -492,7 +498,6 @@ def _render_bwd_kernel(
             sig_prev = sig
             c_prev = c
             f_prev = f
-            pre_prev = pre
             o_prev = o
             dsm_left = dsm
             dcm_left = dcm
