@@ -63,6 +63,13 @@ NUM_STAGES = 1
 # Planes go to the kernel channels-last on the GPU ([B,3,H,W,C], one copy per call) so the C channels
 # of a texel are one contiguous read instead of C reads H*W apart (unmeasured).
 CHANNELS_LAST_GPU = True
+# tl.dot precision for float32: "ieee" is exact float32 (FMA, no tensor cores); "tf32x3" is three
+# TF32 tensor-core products with float32-level error (not plain TF32). At the compile check above,
+# tf32x3 cut the backward's stack to ~250 B (C=32/hidden=64) and ~2 KB (C=64/hidden=128, vs 7.5 KB),
+# while the forward did as well or better with ieee. float64 always uses ieee (the interpreter
+# ignores the choice and multiplies exactly).
+DOT_PRECISION_FWD = "ieee"
+DOT_PRECISION_BWD = "tf32x3"
 MAX_PAD = 256  # widest padded C / hidden / 1+D accepted
 BWD_PROGRAMS_PER_SM = 4  # backward is persistent: programs loop over ray blocks, few partial sums
 
@@ -544,6 +551,10 @@ def _split(x: float, cdt: torch.dtype) -> Tuple[float, float]:
     return hi, (float(np.float32(float(x) - hi)) if cdt == torch.float64 else 0.0)
 
 
+def _dot_precision(choice: str, cdt: torch.dtype) -> str:
+    return "ieee" if cdt == torch.float64 else choice
+
+
 def _kernel_planes(levels: Sequence[Tensor], cl: bool):
     """(planes tuple in the kernel's layout, heights, widths)."""
     hs = tuple(int(lv.shape[3]) for lv in levels)
@@ -584,7 +595,8 @@ def _launch_fwd(kplanes, cl, rays_o, rays_d, depths, w1, b1, w2, b2, sizes, cdt,
         n, R, S, C, HID, D, *_split(scale, cdt), *_split(density_bias, cdt), *_split(eps, cdt),
         N_LEVELS=len(planes), PLANE_AXES=int(plane_axes), CL=cl, WHITE_BG=bool(white_bg),
         NEED_WEIGHTS=weights is not None, GW_DOT=gw is not None, STORE_OUT=rgb is not None, CDT=_tl_dtype(cdt),
-        DOT_PREC="ieee", BLOCK_R=block, CP=CP, HP=HP, DP=DP, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+        DOT_PREC=_dot_precision(DOT_PRECISION_FWD, cdt), BLOCK_R=block, CP=CP, HP=HP, DP=DP, num_warps=NUM_WARPS,
+        num_stages=NUM_STAGES)
 
 
 def render_fwd(levels: List[Tensor], rays_o: Tensor, rays_d: Tensor, depths: Tensor, w1: Tensor, b1: Tensor,
@@ -646,7 +658,8 @@ def render_bwd(grad_rgb: Tensor, grad_depth: Tensor, grad_opacity: Tensor, grad_
         out_depth.contiguous(), out_opacity.contiguous(), pw1, pb1, pw2, pb2,
         n, R, S, C, HID, D, *[v for x in (scale, s1, s2, c_min, c_max, density_bias, eps) for v in _split(x, cdt)],
         N_LEVELS=len(planes), PLANE_AXES=int(plane_axes), CL=cl, WHITE_BG=bool(white_bg),
-        HAS_TARGET=target is not None, HAS_GW=gw is not None, CDT=_tl_dtype(cdt), DOT_PREC="ieee", BLOCK_R=block,
+        HAS_TARGET=target is not None, HAS_GW=gw is not None, CDT=_tl_dtype(cdt),
+        DOT_PREC=_dot_precision(DOT_PRECISION_BWD, cdt), BLOCK_R=block,
         CP=CP, HP=HP, DP=DP, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     if cl:
         gplanes = tuple(g.permute(0, 1, 4, 2, 3) for g in gplanes)
