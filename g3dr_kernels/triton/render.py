@@ -27,10 +27,15 @@ in O(S) per ray from the saved totals (out_rgb, out_depth, out_opacity): with E 
   dL/dsm_i = k_i dL/dalpha_i exp(-softplus(.) delta_i) delta_i sigmoid(sm_i + density_bias),
   dL/dcm_i = k_i w_i g_rgb,  k_i = min(c_max, max(s1 exp(-(target - t_i)^2 / s2), c_min)) (1 without target)
 and half of each interval's gradient goes to each of its two samples. sum_j w_j g_w_j needs every
-weight of the ray first, so when the weights' gradient is nonzero a forward pre-pass computes it.
+weight of the ray first, so when the weights' gradient is nonzero a forward pre-pass computes it
+(autograd passes zeros when the weights are unused; checking that costs one device sync).
 Sample s-1 is back-propagated through the decoder at step s (when both of its intervals are known):
 the w1/b1/w2/b2 gradients accumulate in registers and each program writes its partial sums once
 (reduced in torch, deterministically); plane gradients are added atomically (float32 buffers).
+
+Planes: any number of levels (a tuple of pointers, one compile per count); on the GPU they are
+copied channels-last ([B,3,H,W,C]) so a texel's channels are one contiguous read. Float arguments
+reach float64 runs in float64 (split into two float32 halves, see _scalar).
 
 Reference for the layout (blocks of rays marching samples, tl.dot MLP on ray tiles): Lightplane
 (facebookresearch/lightplane), written here from the equations above.
@@ -49,8 +54,9 @@ from torch import Tensor
 # What was checked is an sm_90 compile of the C=32, hidden=64, D=3, 3-level case (cuobjdump
 # register/stack use per thread): forward BLOCK_R=32 with 8 warps: 241 registers, no stack; with 4
 # warps it spilled (416 B of stack). Backward BLOCK_R=16 with 8 warps: 255 registers + ~840 B of
-# stack (1.6 KB with 4 warps, 1.7 KB with BLOCK_R=32). tl.dot in "ieee" float32 lowers to FMAs that
-# hold whole K slices of the operands in registers, which is where most of it goes. Re-time on a GPU.
+# stack (1.6 KB with 4 warps, 1.7 KB with BLOCK_R=32), all with "ieee" dots. At C=64, hidden=128,
+# D=32 both kernels spill (forward ~870 B, backward 7.5 KB ieee / 2 KB tf32x3): splitting the hidden
+# layer into chunks is the next step there. Re-time all of this on a GPU.
 BLOCK_R_FWD = 32  # rays per program, >= 16 for tl.dot
 BLOCK_R_BWD = 16
 NUM_WARPS = 8
