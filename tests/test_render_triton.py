@@ -167,13 +167,38 @@ def test_many_programs_and_persistent_loop(monkeypatch):
     check_parity(case, use_target=True, white=True)
 
 
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_plane_layouts(monkeypatch, channels_last):
+@pytest.mark.parametrize("channels_last,hoist", [(False, False), (True, True)], ids=["cf-reread", "cl-hoist"])
+def test_plane_layouts_and_weight_reads(monkeypatch, channels_last, hoist):
     """The kernel reads planes channels-first as given, or channels-last ([B,3,H,W,C], the GPU
-    default); both layouts, and the gradient's permutation back, agree with the reference."""
+    default), and holds the decoder weights for the whole kernel or re-reads them per step (the
+    fallback when holding them does not fit); all agree with the reference."""
     monkeypatch.setattr(tr, "_channels_last", lambda device: channels_last)
+    monkeypatch.setattr(tr, "HOIST_WEIGHTS", hoist)
     case = make_case(B=2, R=5, S=4, C=8, hidden=16, D=3, levels=2, HW=(8, 6), seed=11)
     check_parity(case, use_target=True)
+
+
+def test_out_of_resources_falls_back_to_per_step_weight_reads(monkeypatch):
+    """A launch that holds the weights and runs out of shared memory is retried without holding
+    them, and that choice is remembered for the configuration."""
+    from triton.runtime.errors import OutOfResources
+    calls = []
+
+    class FakeKernel:
+        fn = test_out_of_resources_falls_back_to_per_step_weight_reads
+
+        def __getitem__(self, grid):
+            def run(*args, HOIST_W, **kw):
+                calls.append(HOIST_W)
+                if HOIST_W:
+                    raise OutOfResources(300000, 232448, "shared memory")
+            return run
+
+    monkeypatch.setattr(tr, "_NO_HOIST", set())
+    tr._launch(FakeKernel(), (1,), DEV, dict(CP=64, HP=128, DP=64), "arg")
+    tr._launch(FakeKernel(), (1,), DEV, dict(CP=64, HP=128, DP=64), "arg")
+    tr._launch(FakeKernel(), (1,), DEV, dict(CP=16, HP=16, DP=16), "arg")
+    assert calls == [True, False, False, True, False]
 
 
 def test_float32_within_twice_torch_error():

@@ -49,6 +49,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.runtime.errors import OutOfResources
 
 # Launch heuristics (their one home). None of this was timed: no GPU was available while writing.
 # What was checked is an sm_90 compile of the C=32, hidden=64, D=3, 3-level case (cuobjdump
@@ -77,6 +78,7 @@ CHANNELS_LAST_GPU = True
 DOT_PRECISION_FWD = "ieee"
 DOT_PRECISION_BWD = "tf32x3"
 MAX_PAD = 256  # widest padded C / hidden / 1+D accepted
+HOIST_WEIGHTS = True  # first choice for both kernels; see _weights and _launch
 BWD_PROGRAMS_PER_SM = 4  # backward is persistent: programs loop over ray blocks, few partial sums
 
 
@@ -248,11 +250,21 @@ def _point(ox, oy, oz, dx, dy, dz, t, scale):
 
 @triton.jit
 def _tile(ptr, i, j, mi, mj, si, sj, CDT: tl.constexpr):
-    """[len(i), len(j)] tile ptr[i * si + j * sj] (zeros outside mi x mj) in the compute dtype.
-    The decoder weights are loaded once per program, before the loops. (Re-reading them at every
-    sample step instead compiled worse on sm_90: forward 241 vs 176 registers, backward 248 vs 64 B
-    of stack, C=32/hidden=64.)"""
+    """[len(i), len(j)] tile ptr[i * si + j * sj] (zeros outside mi x mj) in the compute dtype."""
     return tl.load(ptr + i[:, None] * si + j[None, :] * sj, mask=mi[:, None] & mj[None, :], other=0.0).to(CDT)
+
+
+@triton.jit
+def _weights(held, ptr, i, j, mi, mj, si, sj, CDT: tl.constexpr, HOIST_W: tl.constexpr):
+    """A decoder weight tile: the one loaded once before the loops (HOIST_W), or a fresh read at
+    every sample step. Hoisting compiles leaner (sm_90, C=32/hidden=64: forward 176 vs 241
+    registers, backward 64 vs 248 B of stack) but keeps the tiles in shared memory for the whole
+    kernel, which at C=64/hidden=128/D=32 wants 288 KB in the backward: more than a GPU has, so the
+    host falls back to fresh reads when a hoisted launch runs out of resources."""
+    if HOIST_W:
+        return held
+    else:
+        return _tile(ptr, i, j, mi, mj, si, sj, CDT)
 
 
 @triton.jit
@@ -297,7 +309,7 @@ def _render_fwd_kernel(
     N_LEVELS: tl.constexpr, PLANE_AXES: tl.constexpr, CL: tl.constexpr, WHITE_BG: tl.constexpr,
     NEED_WEIGHTS: tl.constexpr,
     GW_DOT: tl.constexpr, STORE_OUT: tl.constexpr, CDT: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_R: tl.constexpr, CP: tl.constexpr, HP: tl.constexpr, DP: tl.constexpr,
+    HOIST_W: tl.constexpr, BLOCK_R: tl.constexpr, CP: tl.constexpr, HP: tl.constexpr, DP: tl.constexpr,
 ):
     """Forward. STORE_OUT writes rgb/depth/opacity (and weights with NEED_WEIGHTS); GW_DOT instead
     writes sum_i w_i g_w_i per ray (the backward's pre-pass when the weights have a gradient)."""
@@ -313,8 +325,12 @@ def _render_fwd_kernel(
     cmask = cc < C
     hmask = hh < HID
     jmask = jj < D + 1
-    w1t = _tile(w1_ptr, cc, hh, cmask, hmask, 1, C, CDT)  # [CP, HP] = w1.T
-    w2t = _tile(w2_ptr, hh, jj, hmask, jmask, 1, HID, CDT)  # [HP, DP] = w2.T
+    if HOIST_W:
+        w1t = _tile(w1_ptr, cc, hh, cmask, hmask, 1, C, CDT)  # [CP, HP] = w1.T
+        w2t = _tile(w2_ptr, hh, jj, hmask, jmask, 1, HID, CDT)  # [HP, DP] = w2.T
+    else:
+        w1t = 0.0  # read inside the loop instead (_weights)
+        w2t = 0.0
     b1v = tl.load(b1_ptr + hh, mask=hmask, other=0.0).to(CDT)
     b2v = tl.load(b2_ptr + jj, mask=jmask, other=0.0).to(CDT)
     col = (jj >= 1) & (jj <= D)
@@ -342,7 +358,9 @@ def _render_fwd_kernel(
             t = tl.load(dep_ptr + g * S + s, mask=rmask, other=0.0).to(CDT)
             ux, uy, uz = _point(ox, oy, oz, dx, dy, dz, t, scale)
             f = _feats(planes, hs, ws, bidx, ux, uy, uz, cc, cmask, rmask, C, N_LEVELS, CDT, PLANE_AXES, CL)
-            pre, o, sig, c = _decode(f, w1t, b1v, w2t, b2v, jj, D, DOT_PREC)
+            pre, o, sig, c = _decode(f, _weights(w1t, w1_ptr, cc, hh, cmask, hmask, 1, C, CDT, HOIST_W), b1v,
+                                     _weights(w2t, w2_ptr, hh, jj, hmask, jmask, 1, HID, CDT, HOIST_W), b2v, jj, D,
+                                     DOT_PREC)
             tm, delta, x, e, alpha, om = _interval(sig_prev, sig, t_prev, t, density_bias, live)
             w = tl.where(live, alpha * T, 0.0)
             if STORE_OUT:
@@ -402,7 +420,7 @@ def _render_bwd_kernel(
     eps_hi, eps_lo,
     N_LEVELS: tl.constexpr, PLANE_AXES: tl.constexpr, CL: tl.constexpr, WHITE_BG: tl.constexpr,
     HAS_TARGET: tl.constexpr,
-    HAS_GW: tl.constexpr, CDT: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_GW: tl.constexpr, CDT: tl.constexpr, DOT_PREC: tl.constexpr, HOIST_W: tl.constexpr,
     BLOCK_R: tl.constexpr, CP: tl.constexpr, HP: tl.constexpr, DP: tl.constexpr,
 ):
     """Backward (see the module docstring). Persistent: program pid handles ray blocks pid,
@@ -428,10 +446,16 @@ def _render_bwd_kernel(
     col = (jj >= 1) & (jj <= D)
     b1v = tl.load(b1_ptr + hh, mask=hmask, other=0.0).to(CDT)
     b2v = tl.load(b2_ptr + jj, mask=jmask, other=0.0).to(CDT)
-    w1 = _tile(w1_ptr, hh, cc, hmask, cmask, C, 1, CDT)  # [HP, CP]
-    w2 = _tile(w2_ptr, jj, hh, jmask, hmask, HID, 1, CDT)  # [DP, HP]
-    w1t = tl.trans(w1)
-    w2t = tl.trans(w2)
+    if HOIST_W:
+        w1 = _tile(w1_ptr, hh, cc, hmask, cmask, C, 1, CDT)  # [HP, CP]
+        w2 = _tile(w2_ptr, jj, hh, jmask, hmask, HID, 1, CDT)  # [DP, HP]
+        w1t = tl.trans(w1)
+        w2t = tl.trans(w2)
+    else:
+        w1 = 0.0  # read inside the loop instead (_weights)
+        w2 = 0.0
+        w1t = 0.0
+        w2t = 0.0
     acc_w1 = tl.zeros([HP, CP], CDT)
     acc_b1 = tl.zeros([HP], CDT)
     acc_w2 = tl.zeros([DP, HP], CDT)
@@ -482,7 +506,9 @@ def _render_bwd_kernel(
             t = tl.where(sv < S, t, t_prev)
             ux, uy, uz = _point(ox, oy, oz, dx, dy, dz, t, scale)
             f = _feats(planes, hs, ws, bidx, ux, uy, uz, cc, cmask, rmask, C, N_LEVELS, CDT, PLANE_AXES, CL)
-            pre, o, sig, c = _decode(f, w1t, b1v, w2t, b2v, jj, D, DOT_PREC)
+            pre, o, sig, c = _decode(f, _weights(w1t, w1_ptr, cc, hh, cmask, hmask, 1, C, CDT, HOIST_W), b1v,
+                                     _weights(w2t, w2_ptr, hh, jj, hmask, jmask, 1, HID, CDT, HOIST_W), b2v, jj, D,
+                                     DOT_PREC)
             tm, delta, x, e, alpha, om = _interval(sig_prev, sig, t_prev, t, density_bias, live)
             w = tl.where(live, alpha * T, 0.0)
             dldw = tl.sum(g_rgb * (0.5 * (c_prev + c)), axis=1) + g_d * (tm - o_d) / E + g_op
@@ -502,8 +528,11 @@ def _render_bwd_kernel(
             T = T * om
             prow = rmask & (sv > 0)
             df, acc_w1, acc_b1, acc_w2, acc_b2 = _sample_bwd(
-                f_prev, o_prev, 0.5 * (dsm_left + dsm), 0.5 * (dcm_left + dcm), prow, w1, w1t, b1v, w2,
-                jj, acc_w1, acc_b1, acc_w2, acc_b2, DOT_PREC)
+                f_prev, o_prev, 0.5 * (dsm_left + dsm), 0.5 * (dcm_left + dcm), prow,
+                _weights(w1, w1_ptr, hh, cc, hmask, cmask, C, 1, CDT, HOIST_W),
+                _weights(w1t, w1_ptr, cc, hh, cmask, hmask, 1, C, CDT, HOIST_W), b1v,
+                _weights(w2, w2_ptr, jj, hh, jmask, hmask, HID, 1, CDT, HOIST_W), jj, acc_w1, acc_b1, acc_w2, acc_b2,
+                DOT_PREC)
             pux, puy, puz = _point(ox, oy, oz, dx, dy, dz, t_prev, scale)
             _scatter(gplanes, hs, ws, bidx, pux, puy, puz, df, cc, cmask, prow, C, N_LEVELS, PLANE_AXES, CL)
             t_prev = t
@@ -585,6 +614,25 @@ def _device_programs(device: torch.device, n_blocks: int) -> int:
     return max(1, n_blocks)  # interpreter: programs run one after another, the count only sets the partials
 
 
+_NO_HOIST = set()  # (kernel, device, tile sizes, dtype) whose weight-hoisting launch ran out of resources
+
+
+def _launch(kernel, grid, device: torch.device, sizes: dict, *args, **constexprs) -> None:
+    """Launch with the decoder weights held for the whole kernel (HOIST_W) unless that is known not
+    to fit; a launch that runs out of resources (shared memory) is retried reading them per step.
+    Nothing has run when OutOfResources is raised (it comes from loading the binary), so the retry
+    sees untouched buffers."""
+    key = (kernel.fn.__name__, str(device), *sizes.values())
+    kw = dict(constexprs, **sizes, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+    if HOIST_WEIGHTS and key not in _NO_HOIST:
+        try:
+            kernel[grid](*args, HOIST_W=True, **kw)
+            return
+        except OutOfResources:
+            _NO_HOIST.add(key)
+    kernel[grid](*args, HOIST_W=False, **kw)
+
+
 def _launch_fwd(kplanes, cl, rays_o, rays_d, depths, w1, b1, w2, b2, sizes, cdt, scale, plane_axes, density_bias,
                 eps, white_bg, outs, weights, gw, gsum):
     B, R, S, C, HID, D, CP, HP, DP = sizes
@@ -593,15 +641,14 @@ def _launch_fwd(kplanes, cl, rays_o, rays_d, depths, w1, b1, w2, b2, sizes, cdt,
     rgb, dep, op = outs
     dummy = depths  # for pointers a variant does not touch
     block = _block_r(BLOCK_R_FWD, n, depths.device)
-    _render_fwd_kernel[(triton.cdiv(n, block),)](
+    _launch(_render_fwd_kernel, (triton.cdiv(n, block),), depths.device, dict(CP=CP, HP=HP, DP=DP, CDT=_tl_dtype(cdt)),
         planes, hs, ws, rays_o, rays_d, depths, w1, b1, w2, b2, dummy if gw is None else gw,
         dummy if rgb is None else rgb, dummy if dep is None else dep, dummy if op is None else op,
         dummy if weights is None else weights, dummy if gsum is None else gsum,
         n, R, S, C, HID, D, *_split(scale, cdt), *_split(density_bias, cdt), *_split(eps, cdt),
         N_LEVELS=len(planes), PLANE_AXES=int(plane_axes), CL=cl, WHITE_BG=bool(white_bg),
-        NEED_WEIGHTS=weights is not None, GW_DOT=gw is not None, STORE_OUT=rgb is not None, CDT=_tl_dtype(cdt),
-        DOT_PREC=_dot_precision(DOT_PRECISION_FWD, cdt), BLOCK_R=block, CP=CP, HP=HP, DP=DP, num_warps=NUM_WARPS,
-        num_stages=NUM_STAGES)
+        NEED_WEIGHTS=weights is not None, GW_DOT=gw is not None, STORE_OUT=rgb is not None,
+        DOT_PREC=_dot_precision(DOT_PRECISION_FWD, cdt), BLOCK_R=block)
 
 
 def render_fwd(levels: List[Tensor], rays_o: Tensor, rays_d: Tensor, depths: Tensor, w1: Tensor, b1: Tensor,
@@ -656,16 +703,15 @@ def render_bwd(grad_rgb: Tensor, grad_depth: Tensor, grad_opacity: Tensor, grad_
     pw2 = torch.empty(nprog, DP, HP, dtype=cdt, device=dev)
     pb2 = torch.empty(nprog, DP, dtype=cdt, device=dev)
     planes, hs, ws = kplanes
-    _render_bwd_kernel[(nprog,)](
+    _launch(_render_bwd_kernel, (nprog,), dev, dict(CP=CP, HP=HP, DP=DP, CDT=_tl_dtype(cdt)),
         planes, gplanes, hs, ws, rays_o, rays_d, depths, w1, b1, w2, b2,
         depths if target is None else target, depths if gw is None else gw, depths if gsum is None else gsum,
         grad_rgb.contiguous(), grad_depth.contiguous(), grad_opacity.contiguous(), out_rgb.contiguous(),
         out_depth.contiguous(), out_opacity.contiguous(), pw1, pb1, pw2, pb2,
         n, R, S, C, HID, D, *[v for x in (scale, s1, s2, c_min, c_max, density_bias, eps) for v in _split(x, cdt)],
         N_LEVELS=len(planes), PLANE_AXES=int(plane_axes), CL=cl, WHITE_BG=bool(white_bg),
-        HAS_TARGET=target is not None, HAS_GW=gw is not None, CDT=_tl_dtype(cdt),
-        DOT_PREC=_dot_precision(DOT_PRECISION_BWD, cdt), BLOCK_R=block,
-        CP=CP, HP=HP, DP=DP, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+        HAS_TARGET=target is not None, HAS_GW=gw is not None, DOT_PREC=_dot_precision(DOT_PRECISION_BWD, cdt),
+        BLOCK_R=block)
     if cl:
         gplanes = tuple(g.permute(0, 1, 4, 2, 3) for g in gplanes)
     out = [g.to(lv.dtype).contiguous() for g, lv in zip(gplanes, levels)]
