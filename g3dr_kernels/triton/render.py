@@ -52,12 +52,13 @@ from torch import Tensor
 from triton.runtime.errors import OutOfResources
 
 # Launch heuristics (their one home). None of this was timed: no GPU was available while writing.
-# What was checked is an sm_90 compile of the C=32, hidden=64, D=3, 3-level case (cuobjdump
-# register/stack use per thread): forward BLOCK_R=32 with 8 warps: 241 registers, no stack; with 4
-# warps it spilled (416 B of stack). Backward BLOCK_R=16 with 8 warps: 255 registers + ~840 B of
-# stack (1.6 KB with 4 warps, 1.7 KB with BLOCK_R=32), all with "ieee" dots. At C=64, hidden=128,
-# D=32 both kernels spill (forward ~870 B, backward 7.5 KB ieee / 2 KB tf32x3): splitting the hidden
-# layer into chunks is the next step there. Re-time all of this on a GPU.
+# What was checked is what an sm_90 compile needs per thread (cuobjdump), with the settings below.
+# C=32, hidden=64, D=3, 3 levels: forward 176 registers, no spill, 20 KB shared; backward 255
+# registers + 64 B stack, 60 KB shared. (In earlier variants of these kernels, 4 warps,
+# BLOCK_R_BWD=32 and "ieee" backward dots each spilled more.) C=64, hidden=128, D=32: forward 288 B stack, 80 KB shared; the backward needs 288 KB
+# of shared memory with hoisted weights, so it falls back to per-step weight reads (32 KB shared,
+# 2.2 KB stack: it runs, slowly). Splitting the hidden layer into chunks is the next step for such
+# sizes. Re-time all of this on a GPU.
 BLOCK_R_FWD = 32  # rays per program, >= 16 for tl.dot
 BLOCK_R_BWD = 16
 NUM_WARPS = 8
@@ -70,11 +71,11 @@ NUM_STAGES = 1
 # Planes go to the kernel channels-last on the GPU ([B,3,H,W,C], one copy per call) so the C channels
 # of a texel are one contiguous read instead of C reads H*W apart (unmeasured).
 CHANNELS_LAST_GPU = True
-# tl.dot precision for float32: "ieee" is exact float32 (FMA, no tensor cores); "tf32x3" is three
-# TF32 tensor-core products with float32-level error (not plain TF32). At the compile check above,
-# tf32x3 cut the backward's stack to ~250 B (C=32/hidden=64) and ~2 KB (C=64/hidden=128, vs 7.5 KB),
-# while the forward did as well or better with ieee. float64 always uses ieee (the interpreter
-# ignores the choice and multiplies exactly).
+# tl.dot precision for float32: "ieee" is exact float32 (FMAs, no tensor cores); "tf32x3" is three
+# TF32 tensor-core products with float32-level error (not plain TF32). In the sm_90 compiles tf32x3
+# cut the backward's spills (C=32/hidden=64: ~840 -> ~250 B before weight hoisting), while the
+# forward compiled as well or better with ieee. float64 always uses ieee (the interpreter ignores the
+# choice and multiplies exactly).
 DOT_PRECISION_FWD = "ieee"
 DOT_PRECISION_BWD = "tf32x3"
 MAX_PAD = 256  # widest padded C / hidden / 1+D accepted
@@ -258,7 +259,7 @@ def _tile(ptr, i, j, mi, mj, si, sj, CDT: tl.constexpr):
 def _weights(held, ptr, i, j, mi, mj, si, sj, CDT: tl.constexpr, HOIST_W: tl.constexpr):
     """A decoder weight tile: the one loaded once before the loops (HOIST_W), or a fresh read at
     every sample step. Hoisting compiles leaner (sm_90, C=32/hidden=64: forward 176 vs 241
-    registers, backward 64 vs 248 B of stack) but keeps the tiles in shared memory for the whole
+    registers, backward 64 vs ~270 B of stack) but keeps the tiles in shared memory for the whole
     kernel, which at C=64/hidden=128/D=32 wants 288 KB in the backward: more than a GPU has, so the
     host falls back to fresh reads when a hoisted launch runs out of resources."""
     if HOIST_W:
