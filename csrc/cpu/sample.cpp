@@ -20,8 +20,11 @@
 // float16/bfloat16 planes are accepted (computed in float32, result cast back), as on CUDA.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/Version.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <string>
 #include <vector>
 
 #include "g3dr/sample_math.h"
@@ -72,6 +75,30 @@ namespace {
 // Points per parallel_for chunk: enough work to amortise the task overhead.
 constexpr int64_t kPointGrain = 128;
 
+// The channel loops are compiled twice: for the baseline x86-64 ISA and for AVX2+FMA, picked at run
+// time (like ATen's own kernels, honouring ATEN_CPU_CAPABILITY=default). Everything they call is
+// force-inlined so it is compiled for the caller's ISA.
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define G3DR_HAVE_AVX2_VARIANT 1
+#define G3DR_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#define G3DR_FORCE_INLINE inline __attribute__((always_inline))
+#else
+#define G3DR_HAVE_AVX2_VARIANT 0
+#define G3DR_FORCE_INLINE inline
+#endif
+
+bool use_avx2() {
+#if G3DR_HAVE_AVX2_VARIANT
+  static const bool yes = [] {
+    const std::string cap = at::get_cpu_capability();
+    return (cap == "AVX2" || cap == "AVX512") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
+  return yes;
+#else
+  return false;
+#endif
+}
+
 at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 // [B,3,C,H,W] -> contiguous [B,3,H,W,C] in `dtype` (one copy; none when C == 1 and the dtype matches).
@@ -81,34 +108,41 @@ at::Tensor channels_last(const at::Tensor& lv, at::ScalarType dtype) {
 
 template <typename acc_t>
 struct LevelView {
-  const acc_t* data;  // [B,3,H,W,C]
+  const acc_t* data;  // [B,3,H,W,C] (unused by the plane-gradient pass)
+  acc_t* grad;        // [B,3,H,W,C] gradient buffer (plane-gradient pass only)
   int64_t H, W;
 };
 
+// Everything one pass needs; the level list is small (one entry per level).
 template <typename acc_t>
-std::vector<LevelView<acc_t>> views(const std::vector<at::Tensor>& cl) {
-  std::vector<LevelView<acc_t>> v;
-  for (const auto& t : cl) v.push_back({t.data_ptr<acc_t>(), t.size(2), t.size(3)});
-  return v;
-}
+struct Args {
+  const LevelView<acc_t>* lv;
+  int64_t L, B, N, C;
+  const acc_t* xyz;   // [B,N,3]
+  const acc_t* grad;  // [B,N,C] (backward)
+  acc_t* out;         // [B,N,C] features (forward) or [B,N,3] xyz gradient
+  const acc_t* zeros; // C zeros: the row a corner outside reads
+  acc_t scale;
+  int plane_axes;
+};
 
 // acc[c] += sum_k w[k] * r[k][c]; rows of corners outside point at a row of zeros.
 template <typename acc_t>
-inline void axpy4(acc_t* __restrict__ acc, const acc_t* __restrict__ r0, const acc_t* __restrict__ r1,
-                  const acc_t* __restrict__ r2, const acc_t* __restrict__ r3, acc_t w0, acc_t w1, acc_t w2, acc_t w3,
-                  int64_t C) {
+G3DR_FORCE_INLINE void axpy4(acc_t* __restrict__ acc, const acc_t* __restrict__ r0, const acc_t* __restrict__ r1,
+                             const acc_t* __restrict__ r2, const acc_t* __restrict__ r3, acc_t w0, acc_t w1, acc_t w2,
+                             acc_t w3, int64_t C) {
   for (int64_t c = 0; c < C; ++c) acc[c] += w0 * r0[c] + w1 * r1[c] + w2 * r2[c] + w3 * r3[c];
 }
 
 // dst[c] += w * src[c]
 template <typename acc_t>
-inline void axpy(acc_t* __restrict__ dst, const acc_t* __restrict__ src, acc_t w, int64_t C) {
+G3DR_FORCE_INLINE void axpy(acc_t* __restrict__ dst, const acc_t* __restrict__ src, acc_t w, int64_t C) {
   for (int64_t c = 0; c < C; ++c) dst[c] += w * src[c];
 }
 
 // <a, b> with 8 independent partial sums (a reduction the compiler can vectorise without reassociating).
 template <typename acc_t>
-inline acc_t dot(const acc_t* __restrict__ a, const acc_t* __restrict__ b, int64_t C) {
+G3DR_FORCE_INLINE acc_t dot(const acc_t* __restrict__ a, const acc_t* __restrict__ b, int64_t C) {
   acc_t s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t c = 0;
   for (; c + 8 <= C; c += 8)
@@ -119,92 +153,131 @@ inline acc_t dot(const acc_t* __restrict__ a, const acc_t* __restrict__ b, int64
 }
 
 template <typename acc_t>
-void forward_kernel(const std::vector<LevelView<acc_t>>& lv, const acc_t* xyz, acc_t* out, int64_t B, int64_t N,
-                    int64_t C, acc_t scale, int plane_axes) {
-  const acc_t third = acc_t(1) / acc_t(3);
-  at::parallel_for(0, B * N, kPointGrain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> zeros(C, acc_t(0));
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = i / N;
-      const acc_t u[3] = {xyz[i * 3] * scale, xyz[i * 3 + 1] * scale, xyz[i * 3 + 2] * scale};
-      acc_t* o = out + i * C;
-      for (int64_t c = 0; c < C; ++c) o[c] = acc_t(0);
-      for (const auto& L : lv) {
-        const int64_t plane = L.H * L.W * C;
-        for (int p = 0; p < 3; ++p) {
-          acc_t a, bb;
-          plane_uv(u, plane_axes, p, a, bb);
-          BilinearTap<acc_t> t;
-          if (!bilinear_tap(a, bb, L.H, L.W, t)) continue;
-          const acc_t* base = L.data + (b * 3 + p) * plane;
-          const acc_t* r[4];
-          for (int k = 0; k < 4; ++k) r[k] = t.idx[k] >= 0 ? base + t.idx[k] * C : zeros.data();
-          axpy4(o, r[0], r[1], r[2], r[3], t.w[0] * third, t.w[1] * third, t.w[2] * third, t.w[3] * third, C);
-        }
-      }
-    }
-  });
+G3DR_FORCE_INLINE void scaled_point(const Args<acc_t>& A, int64_t i, acc_t u[3]) {
+  for (int k = 0; k < 3; ++k) u[k] = A.xyz[i * 3 + k] * A.scale;
 }
 
-// Plane gradients: task (b, p, l) accumulates grad_out * weight / 3 into its slice of gcl[l].
+// Forward over points [begin, end): out[i] = sum_l sum_p bilinear(level l, plane p) / 3.
 template <typename acc_t>
-void plane_grad_kernel(const std::vector<acc_t*>& gcl, const std::vector<LevelView<acc_t>>& lv, const acc_t* grad,
-                       const acc_t* xyz, int64_t B, int64_t N, int64_t C, acc_t scale, int plane_axes) {
-  const int64_t L = static_cast<int64_t>(lv.size());
+G3DR_FORCE_INLINE void forward_points(const Args<acc_t>& A, int64_t begin, int64_t end) {
   const acc_t third = acc_t(1) / acc_t(3);
-  at::parallel_for(0, B * 3 * L, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t l = task % L, bp = task / L, b = bp / 3;
-      const int p = static_cast<int>(bp % 3);
-      const int64_t H = lv[l].H, W = lv[l].W;
-      acc_t* g_plane = gcl[l] + bp * H * W * C;
-      for (int64_t n = 0; n < N; ++n) {
-        const int64_t i = b * N + n;
-        const acc_t u[3] = {xyz[i * 3] * scale, xyz[i * 3 + 1] * scale, xyz[i * 3 + 2] * scale};
+  const int64_t C = A.C;
+  for (int64_t i = begin; i < end; ++i) {
+    const int64_t b = i / A.N;
+    acc_t u[3];
+    scaled_point(A, i, u);
+    acc_t* o = A.out + i * C;
+    for (int64_t c = 0; c < C; ++c) o[c] = acc_t(0);
+    for (int64_t l = 0; l < A.L; ++l) {
+      const LevelView<acc_t>& V = A.lv[l];
+      for (int p = 0; p < 3; ++p) {
         acc_t a, bb;
-        plane_uv(u, plane_axes, p, a, bb);
+        plane_uv(u, A.plane_axes, p, a, bb);
         BilinearTap<acc_t> t;
-        if (!bilinear_tap(a, bb, H, W, t)) continue;
-        const acc_t* g = grad + i * C;
-        for (int k = 0; k < 4; ++k)
-          if (t.idx[k] >= 0) axpy(g_plane + t.idx[k] * C, g, t.w[k] * third, C);
+        if (!bilinear_tap(a, bb, V.H, V.W, t)) continue;
+        const acc_t* base = V.data + (b * 3 + p) * V.H * V.W * C;
+        const acc_t* r[4];
+        for (int k = 0; k < 4; ++k) r[k] = t.idx[k] >= 0 ? base + t.idx[k] * C : A.zeros;
+        axpy4(o, r[0], r[1], r[2], r[3], t.w[0] * third, t.w[1] * third, t.w[2] * third, t.w[3] * third, C);
       }
     }
-  });
+  }
 }
 
-// xyz gradient: parallel over points, every level of every plane.
+// Plane gradients of task (b, p, l): grad_out * weight / 3 into its own H x W x C slice, points in order.
 template <typename acc_t>
-void xyz_grad_kernel(const std::vector<LevelView<acc_t>>& lv, const acc_t* grad, const acc_t* xyz, acc_t* gxyz,
-                     int64_t B, int64_t N, int64_t C, acc_t scale, int plane_axes) {
+G3DR_FORCE_INLINE void plane_grad_task(const Args<acc_t>& A, int64_t task) {
   const acc_t third = acc_t(1) / acc_t(3);
-  at::parallel_for(0, B * N, kPointGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = i / N;
-      const acc_t u[3] = {xyz[i * 3] * scale, xyz[i * 3 + 1] * scale, xyz[i * 3 + 2] * scale};
-      const acc_t* g = grad + i * C;
-      acc_t gu[3] = {0, 0, 0};
-      for (const auto& L : lv) {
-        for (int p = 0; p < 3; ++p) {
-          acc_t a, bb;
-          plane_uv(u, plane_axes, p, a, bb);
-          BilinearTap<acc_t> t;
-          if (!bilinear_tap(a, bb, L.H, L.W, t)) continue;
-          const acc_t* base = L.data + (b * 3 + p) * L.H * L.W * C;
-          acc_t s[4];
-          for (int k = 0; k < 4; ++k) s[k] = t.idx[k] >= 0 ? third * dot(g, base + t.idx[k] * C, C) : acc_t(0);
-          accumulate_uv_grad(t, s, plane_axes, p, L.H, L.W, gu);
-        }
+  const int64_t C = A.C, l = task % A.L, bp = task / A.L, b = bp / 3;
+  const int p = static_cast<int>(bp % 3);
+  const LevelView<acc_t>& V = A.lv[l];
+  acc_t* g_plane = V.grad + bp * V.H * V.W * C;
+  for (int64_t n = 0; n < A.N; ++n) {
+    const int64_t i = b * A.N + n;
+    acc_t u[3];
+    scaled_point(A, i, u);
+    acc_t a, bb;
+    plane_uv(u, A.plane_axes, p, a, bb);
+    BilinearTap<acc_t> t;
+    if (!bilinear_tap(a, bb, V.H, V.W, t)) continue;
+    const acc_t* g = A.grad + i * C;
+    for (int k = 0; k < 4; ++k)
+      if (t.idx[k] >= 0) axpy(g_plane + t.idx[k] * C, g, t.w[k] * third, C);
+  }
+}
+
+// xyz gradient of points [begin, end): every level of every plane.
+template <typename acc_t>
+G3DR_FORCE_INLINE void xyz_grad_points(const Args<acc_t>& A, int64_t begin, int64_t end) {
+  const acc_t third = acc_t(1) / acc_t(3);
+  const int64_t C = A.C;
+  for (int64_t i = begin; i < end; ++i) {
+    const int64_t b = i / A.N;
+    acc_t u[3];
+    scaled_point(A, i, u);
+    const acc_t* g = A.grad + i * C;
+    acc_t gu[3] = {0, 0, 0};
+    for (int64_t l = 0; l < A.L; ++l) {
+      const LevelView<acc_t>& V = A.lv[l];
+      for (int p = 0; p < 3; ++p) {
+        acc_t a, bb;
+        plane_uv(u, A.plane_axes, p, a, bb);
+        BilinearTap<acc_t> t;
+        if (!bilinear_tap(a, bb, V.H, V.W, t)) continue;
+        const acc_t* base = V.data + (b * 3 + p) * V.H * V.W * C;
+        acc_t s[4];
+        for (int k = 0; k < 4; ++k) s[k] = t.idx[k] >= 0 ? third * dot(g, base + t.idx[k] * C, C) : acc_t(0);
+        accumulate_uv_grad(t, s, A.plane_axes, p, V.H, V.W, gu);
       }
-      for (int k = 0; k < 3; ++k) gxyz[i * 3 + k] = gu[k] * scale;
     }
-  });
+    for (int k = 0; k < 3; ++k) A.out[i * 3 + k] = gu[k] * A.scale;
+  }
+}
+
+// One entry point per pass and ISA: (args, begin, end) over points or tasks.
+#define G3DR_SAMPLE_VARIANTS(NAME, BODY)                                                          \
+  template <typename acc_t>                                                                        \
+  void NAME##_base(const Args<acc_t>& A, int64_t begin, int64_t end) { BODY; }                     \
+  G3DR_SAMPLE_AVX2_VARIANT(NAME, BODY)
+
+#if G3DR_HAVE_AVX2_VARIANT
+#define G3DR_SAMPLE_AVX2_VARIANT(NAME, BODY) \
+  template <typename acc_t>                  \
+  G3DR_TARGET_AVX2 void NAME##_avx2(const Args<acc_t>& A, int64_t begin, int64_t end) { BODY; }
+#else
+#define G3DR_SAMPLE_AVX2_VARIANT(NAME, BODY) \
+  template <typename acc_t>                  \
+  void NAME##_avx2(const Args<acc_t>& A, int64_t begin, int64_t end) { BODY; }
+#endif
+
+G3DR_SAMPLE_VARIANTS(forward, forward_points(A, begin, end))
+G3DR_SAMPLE_VARIANTS(plane_grad, for (int64_t task = begin; task < end; ++task) plane_grad_task(A, task))
+G3DR_SAMPLE_VARIANTS(xyz_grad, xyz_grad_points(A, begin, end))
+
+template <typename acc_t>
+using Pass = void (*)(const Args<acc_t>&, int64_t, int64_t);
+
+template <typename acc_t>
+void run_pass(Pass<acc_t> base, Pass<acc_t> avx2, const Args<acc_t>& A, int64_t n, int64_t grain) {
+  const Pass<acc_t> f = use_avx2() ? avx2 : base;
+  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) { f(A, begin, end); });
 }
 
 std::vector<at::Tensor> channels_last_levels(at::TensorList levels, at::ScalarType acc) {
   std::vector<at::Tensor> cl;
   for (const auto& lv : levels) cl.push_back(channels_last(lv, acc));
   return cl;
+}
+
+template <typename acc_t>
+std::vector<LevelView<acc_t>> level_views(const std::vector<at::Tensor>& cl, const std::vector<at::Tensor>& grad) {
+  std::vector<LevelView<acc_t>> v;
+  for (size_t l = 0; l < std::max(cl.size(), grad.size()); ++l) {
+    const at::Tensor& t = l < cl.size() ? cl[l] : grad[l];
+    v.push_back({l < cl.size() ? cl[l].data_ptr<acc_t>() : nullptr,
+                 l < grad.size() ? grad[l].data_ptr<acc_t>() : nullptr, t.size(2), t.size(3)});
+  }
+  return v;
 }
 
 at::Tensor sample_fwd_cpu(at::TensorList levels, const at::Tensor& xyz_in, double scale, int64_t plane_axes) {
@@ -214,9 +287,13 @@ at::Tensor sample_fwd_cpu(at::TensorList levels, const at::Tensor& xyz_in, doubl
   const at::Tensor xyz = xyz_in.to(acc).contiguous();
   const std::vector<at::Tensor> cl = channels_last_levels(levels, acc);
   at::Tensor out = at::empty({B, N, C}, xyz.options());
+  const at::Tensor zeros = at::zeros({C}, xyz.options());
   AT_DISPATCH_FLOATING_TYPES(acc, "sample_fwd_cpu", [&] {
-    forward_kernel<scalar_t>(views<scalar_t>(cl), xyz.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), B, N, C,
-                             static_cast<scalar_t>(scale), static_cast<int>(plane_axes));
+    const auto lv = level_views<scalar_t>(cl, {});
+    const Args<scalar_t> A{lv.data(), static_cast<int64_t>(lv.size()), B, N, C, xyz.data_ptr<scalar_t>(), nullptr,
+                           out.data_ptr<scalar_t>(), zeros.data_ptr<scalar_t>(), static_cast<scalar_t>(scale),
+                           static_cast<int>(plane_axes)};
+    run_pass<scalar_t>(forward_base<scalar_t>, forward_avx2<scalar_t>, A, B * N, kPointGrain);
   });
   return out.scalar_type() == dtype ? out : out.to(dtype);
 }
@@ -228,25 +305,27 @@ std::vector<at::Tensor> sample_bwd_cpu(const at::Tensor& grad_in, at::TensorList
   check_sample_grad(op, grad_in, levels, xyz_in);
   const at::ScalarType acc = acc_type(levels[0].scalar_type());
   const int64_t B = xyz_in.size(0), N = xyz_in.size(1), C = levels[0].size(2);
+  const int64_t L = static_cast<int64_t>(levels.size());
   const at::Tensor xyz = xyz_in.to(acc).contiguous();
   const at::Tensor grad = grad_in.to(acc).contiguous();
   std::vector<at::Tensor> gcl;  // channels-last gradient buffers [B,3,H,W,C]
   for (const auto& lv : levels) gcl.push_back(at::zeros({B, 3, lv.size(3), lv.size(4), C}, xyz.options()));
   at::Tensor gxyz = need_xyz_grad ? at::empty({B, N, 3}, xyz.options()) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(acc, "sample_bwd_cpu", [&] {
-    std::vector<scalar_t*> gptr;
-    std::vector<LevelView<scalar_t>> shapes;
-    for (const auto& g : gcl) {
-      gptr.push_back(g.data_ptr<scalar_t>());
-      shapes.push_back({nullptr, g.size(2), g.size(3)});
-    }
     const auto s = static_cast<scalar_t>(scale);
-    plane_grad_kernel<scalar_t>(gptr, shapes, grad.data_ptr<scalar_t>(), xyz.data_ptr<scalar_t>(), B, N, C, s,
-                                static_cast<int>(plane_axes));
+    const auto pa = static_cast<int>(plane_axes);
+    {
+      const auto lv = level_views<scalar_t>({}, gcl);
+      const Args<scalar_t> A{lv.data(), L, B, N, C, xyz.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(), nullptr,
+                             nullptr, s, pa};
+      run_pass<scalar_t>(plane_grad_base<scalar_t>, plane_grad_avx2<scalar_t>, A, B * 3 * L, 1);
+    }
     if (need_xyz_grad) {
       const std::vector<at::Tensor> cl = channels_last_levels(levels, acc);
-      xyz_grad_kernel<scalar_t>(views<scalar_t>(cl), grad.data_ptr<scalar_t>(), xyz.data_ptr<scalar_t>(),
-                                gxyz.data_ptr<scalar_t>(), B, N, C, s, static_cast<int>(plane_axes));
+      const auto lv = level_views<scalar_t>(cl, {});
+      const Args<scalar_t> A{lv.data(), L, B, N, C, xyz.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(),
+                             gxyz.data_ptr<scalar_t>(), nullptr, s, pa};
+      run_pass<scalar_t>(xyz_grad_base<scalar_t>, xyz_grad_avx2<scalar_t>, A, B * N, kPointGrain);
     }
   });
   std::vector<at::Tensor> result;
