@@ -140,18 +140,6 @@ G3DR_FORCE_INLINE void axpy(acc_t* __restrict__ dst, const acc_t* __restrict__ s
   for (int64_t c = 0; c < C; ++c) dst[c] += w * src[c];
 }
 
-// <a, b> with 8 independent partial sums (a reduction the compiler can vectorise without reassociating).
-template <typename acc_t>
-G3DR_FORCE_INLINE acc_t dot(const acc_t* __restrict__ a, const acc_t* __restrict__ b, int64_t C) {
-  acc_t s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t c = 0;
-  for (; c + 8 <= C; c += 8)
-    for (int j = 0; j < 8; ++j) s[j] += a[c + j] * b[c + j];
-  acc_t r = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
-  for (; c < C; ++c) r += a[c] * b[c];
-  return r;
-}
-
 template <typename acc_t>
 G3DR_FORCE_INLINE void scaled_point(const Args<acc_t>& A, int64_t i, acc_t u[3]) {
   for (int k = 0; k < 3; ++k) u[k] = A.xyz[i * 3 + k] * A.scale;
@@ -206,9 +194,12 @@ G3DR_FORCE_INLINE void plane_grad_task(const Args<acc_t>& A, int64_t task) {
   }
 }
 
-// xyz gradient of points [begin, end): every level of every plane.
+// xyz gradient of points [begin, end): every level of every plane. Per channel block of 8, the
+// corner rows are combined with the coordinate weights of the tap (tap_coord_weights) and multiplied
+// by grad_out into 8 partial sums per coordinate, reduced once per point (no per-corner dot products).
 template <typename acc_t>
 G3DR_FORCE_INLINE void xyz_grad_points(const Args<acc_t>& A, int64_t begin, int64_t end) {
+  constexpr int V = 8;
   const acc_t third = acc_t(1) / acc_t(3);
   const int64_t C = A.C;
   for (int64_t i = begin; i < end; ++i) {
@@ -216,21 +207,44 @@ G3DR_FORCE_INLINE void xyz_grad_points(const Args<acc_t>& A, int64_t begin, int6
     acc_t u[3];
     scaled_point(A, i, u);
     const acc_t* g = A.grad + i * C;
-    acc_t gu[3] = {0, 0, 0};
+    acc_t G[3][V] = {};
     for (int64_t l = 0; l < A.L; ++l) {
-      const LevelView<acc_t>& V = A.lv[l];
+      const LevelView<acc_t>& L = A.lv[l];
       for (int p = 0; p < 3; ++p) {
         acc_t a, bb;
         plane_uv(u, A.plane_axes, p, a, bb);
         BilinearTap<acc_t> t;
-        if (!bilinear_tap(a, bb, V.H, V.W, t)) continue;
-        const acc_t* base = V.data + (b * 3 + p) * V.H * V.W * C;
-        acc_t s[4];
-        for (int k = 0; k < 4; ++k) s[k] = t.idx[k] >= 0 ? third * dot(g, base + t.idx[k] * C, C) : acc_t(0);
-        accumulate_uv_grad(t, s, A.plane_axes, p, V.H, V.W, gu);
+        if (!bilinear_tap(a, bb, L.H, L.W, t)) continue;
+        acc_t da[4], db[4];
+        tap_coord_weights(t, L.H, L.W, third, da, db);
+        const acc_t* base = L.data + (b * 3 + p) * L.H * L.W * C;
+        const acc_t* r[4];
+        for (int k = 0; k < 4; ++k) r[k] = t.idx[k] >= 0 ? base + t.idx[k] * C : A.zeros;
+        acc_t sa[V] = {}, sb[V] = {};
+        int64_t c = 0;
+        for (; c + V <= C; c += V)
+          for (int j = 0; j < V; ++j) {
+            const acc_t v0 = r[0][c + j], v1 = r[1][c + j], v2 = r[2][c + j], v3 = r[3][c + j];
+            sa[j] += g[c + j] * (da[0] * v0 + da[1] * v1 + da[2] * v2 + da[3] * v3);
+            sb[j] += g[c + j] * (db[0] * v0 + db[1] * v1 + db[2] * v2 + db[3] * v3);
+          }
+        for (; c < C; ++c) {
+          const acc_t v0 = r[0][c], v1 = r[1][c], v2 = r[2][c], v3 = r[3][c];
+          sa[0] += g[c] * (da[0] * v0 + da[1] * v1 + da[2] * v2 + da[3] * v3);
+          sb[0] += g[c] * (db[0] * v0 + db[1] * v1 + db[2] * v2 + db[3] * v3);
+        }
+        int ia, ib;
+        plane_coord_index(A.plane_axes, p, ia, ib);
+        for (int j = 0; j < V; ++j) {
+          G[ia][j] += sa[j];
+          G[ib][j] += sb[j];
+        }
       }
     }
-    for (int k = 0; k < 3; ++k) A.out[i * 3 + k] = gu[k] * A.scale;
+    for (int k = 0; k < 3; ++k) {
+      const acc_t* q = G[k];
+      A.out[i * 3 + k] = (((q[0] + q[1]) + (q[2] + q[3])) + ((q[4] + q[5]) + (q[6] + q[7]))) * A.scale;
+    }
   }
 }
 
@@ -323,8 +337,9 @@ std::vector<at::Tensor> sample_bwd_cpu(const at::Tensor& grad_in, at::TensorList
     if (need_xyz_grad) {
       const std::vector<at::Tensor> cl = channels_last_levels(levels, acc);
       const auto lv = level_views<scalar_t>(cl, {});
+      const at::Tensor zeros = at::zeros({C}, xyz.options());
       const Args<scalar_t> A{lv.data(), L, B, N, C, xyz.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(),
-                             gxyz.data_ptr<scalar_t>(), nullptr, s, pa};
+                             gxyz.data_ptr<scalar_t>(), zeros.data_ptr<scalar_t>(), s, pa};
       run_pass<scalar_t>(xyz_grad_base<scalar_t>, xyz_grad_avx2<scalar_t>, A, B * N, kPointGrain);
     }
   });
