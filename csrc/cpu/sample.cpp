@@ -101,9 +101,11 @@ bool use_avx2() {
 
 at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-// [B,3,C,H,W] -> contiguous [B,3,H,W,C] in `dtype` (one copy; none when C == 1 and the dtype matches).
+// [B,3,C,H,W] -> contiguous [B,3,H,W,C] in `dtype`: one copy (none when C == 1 and the dtype matches).
 at::Tensor channels_last(const at::Tensor& lv, at::ScalarType dtype) {
-  return lv.permute({0, 1, 3, 4, 2}).to(dtype).contiguous();
+  const at::Tensor view = lv.permute({0, 1, 3, 4, 2});
+  if (lv.scalar_type() == dtype) return view.contiguous();
+  return at::empty(view.sizes(), view.options().dtype(dtype)).copy_(view);
 }
 
 template <typename acc_t>

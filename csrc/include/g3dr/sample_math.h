@@ -9,7 +9,8 @@
 // where corners outside the plane read 0. The op's output is sum over levels of the mean over planes.
 //
 // Non-finite coordinates (NaN/inf in xyz) and points far outside are "all corners outside": they
-// contribute 0 to the features and get 0 gradient (grid_sample would give NaN for NaN coordinates).
+// contribute 0 to the features and get 0 gradient (grid_sample, and so the "torch" reference, gives
+// NaN for NaN or infinite coordinates).
 #pragma once
 
 #include <cmath>
@@ -50,13 +51,20 @@ struct BilinearTap {
   acc_t tx, ty;    // fractional parts of ix, iy (for the coordinate gradient)
 };
 
+// v[k] for k in {0, 1, 2} by selects, not by a runtime index, so that on the GPU a 3-vector stays in
+// registers instead of going to local memory.
+template <typename acc_t>
+G3DR_HDI acc_t pick3(const acc_t* v, int k) {
+  return k == 0 ? v[0] : (k == 1 ? v[1] : v[2]);
+}
+
 // The plane coordinates (a, b) that plane p reads from u [3].
 template <typename acc_t>
 G3DR_HDI void plane_uv(const acc_t* u, int plane_axes, int p, acc_t& a, acc_t& b) {
   int ia, ib;
   plane_coord_index(plane_axes, p, ia, ib);
-  a = u[ia];
-  b = u[ib];
+  a = pick3(u, ia);
+  b = pick3(u, ib);
 }
 
 // Fills `t` for normalised plane coordinates (a, b) on an H x W plane. Returns false when no corner
@@ -143,8 +151,8 @@ G3DR_UNROLL
   }
   int ia, ib;
   plane_coord_index(plane_axes, p, ia, ib);
-  gu[ia] += ga;
-  gu[ib] += gb;
+G3DR_UNROLL
+  for (int m = 0; m < 3; ++m) gu[m] += (m == ia ? ga : acc_t(0)) + (m == ib ? gb : acc_t(0));
 }
 
 }  // namespace g3dr
