@@ -278,7 +278,9 @@ def test_cpu_baseline_isa_path():
             errs.append([out] + list(torch.autograd.grad(out.square().sum(), [planes, xyz])))
         print(max((a - b).abs().max().item() for a, b in zip(*errs)))
     """)
-    env = dict(os.environ, ATEN_CPU_CAPABILITY="default")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(gk.__file__)))  # the g3dr_kernels this run imports
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="default",
+               PYTHONPATH=os.pathsep.join([root] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
     res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert float(res.stdout.strip().splitlines()[-1]) < 5e-4  # the float32 xyz-gradient tolerance above
