@@ -8,11 +8,9 @@ through g3dr_kernels.sample_triplanes), so the comparison is like with like.
   CPU config:  B=2, C=32, 64x64 finest, 3 levels, 65,536 points per batch element.
   G3DR config (only with a GPU): B=8, C=64, 128x128, 3 levels, 1M points per image.
 
-Modes: "fwd" (no grad), "fwd+bwd" (the shared harness's fwd_bwd: loss = mean(out**2)), and
-"fwd+bwd(grad)": backward from a fixed upstream gradient allocated before the measurement, so the
-peak is the op's own (forward output, saved tensors, backward buffers). Under "fwd+bwd" the loss's
-backward alone holds about four [B,N,C] float32 tensors (mean, pow and mul temporaries) besides the
-output, which sets a floor under every impl's peak; the extra mode shows the op without that floor.
+Modes: "fwd" (no grad) and "fwd+bwd" (the shared harness's fwd_bwd: backward from a fixed upstream
+gradient allocated before the measurement, so the peak is the op's own: forward output, saved
+tensors, backward buffers).
 
 Run: PYTHONPATH=$PWD python -m pytest benchmarks/bench_sample.py --benchmark-only -q
 """
@@ -51,17 +49,7 @@ def _fn(impl: str, planes: torch.Tensor, xyz: torch.Tensor, levels: int):
     return lambda: g3dr_kernels.sample_triplanes(planes, xyz, levels=levels, backend=impl)
 
 
-def _fwd_bwd_grad(fwd, params, grad):
-    """Forward, then backward from the fixed upstream gradient `grad` (no loss tensors)."""
-    def run():
-        for p in params:
-            p.grad = None
-        torch.autograd.backward(fwd(), grad)
-        return None
-    return run
-
-
-@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd", "fwd+bwd(grad)"])
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("cfg", CONFIGS)
 def test_sample(benchmark, cfg, impl, mode):
@@ -78,12 +66,8 @@ def test_sample(benchmark, cfg, impl, mode):
         def fn():
             with torch.no_grad():
                 return fwd()
-    elif mode == "fwd+bwd":
-        planes.requires_grad_(True)
-        fn = fwd_bwd(_fn(impl, planes, xyz, cfg["levels"]), [planes])
     else:
         planes.requires_grad_(True)
-        grad = torch.randn(cfg["B"], cfg["N"], cfg["C"], generator=g).to(dev)
-        fn = _fwd_bwd_grad(_fn(impl, planes, xyz, cfg["levels"]), [planes], grad)
+        fn = fwd_bwd(_fn(impl, planes, xyz, cfg["levels"]), [planes])
     row = run_case(benchmark, op="sample", impl=impl, mode=mode, config=_label(cfg), device=dev, fn=fn)
     assert row["median_s"] > 0
