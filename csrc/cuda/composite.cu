@@ -39,8 +39,9 @@ __global__ void __launch_bounds__(kThreads)
                          scalar_t* __restrict__ out_opacity, scalar_t* __restrict__ weights) {
   const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (r >= n) return;
+  const OnTheFly<scalar_t, acc_t> src{sigma + r * S, depths + r * S, nullptr, prm};
   for (int64_t d0 = 0; d0 < D; d0 += CH) {
-    ray_forward<CH, scalar_t, acc_t>(sigma + r * S, rgb + r * S * D, depths + r * S, S, D, d0, prm, out_rgb + r * D,
+    ray_forward<CH, scalar_t, acc_t>(src, rgb + r * S * D, depths + r * S, S, D, d0, prm, out_rgb + r * D,
                                      out_depth + r, out_opacity + r, weights != nullptr ? weights + r * (S - 1) : nullptr);
   }
 }
@@ -56,11 +57,11 @@ __global__ void __launch_bounds__(kThreads)
                          scalar_t* __restrict__ grad_sigma, scalar_t* __restrict__ grad_rgb) {
   const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (r >= n) return;
-  ray_backward<scalar_t, acc_t>(g_rgb + r * D, static_cast<acc_t>(g_depth[r]), static_cast<acc_t>(g_opacity[r]),
-                                g_weights != nullptr ? g_weights + r * (S - 1) : nullptr, sigma + r * S, rgb + r * S * D,
-                                depths + r * S, target != nullptr ? target + r : nullptr, out_rgb + r * D,
-                                static_cast<acc_t>(out_depth[r]), static_cast<acc_t>(out_opacity[r]), S, D, prm,
-                                grad_sigma + r * S, grad_rgb + r * S * D);
+  const OnTheFly<scalar_t, acc_t> src{sigma + r * S, depths + r * S, target != nullptr ? target + r : nullptr, prm};
+  ray_backward<scalar_t, acc_t>(src, g_rgb + r * D, static_cast<acc_t>(g_depth[r]), static_cast<acc_t>(g_opacity[r]),
+                                g_weights != nullptr ? g_weights + r * (S - 1) : nullptr, rgb + r * S * D,
+                                depths + r * S, out_rgb + r * D, static_cast<acc_t>(out_depth[r]),
+                                static_cast<acc_t>(out_opacity[r]), S, D, prm, grad_sigma + r * S, grad_rgb + r * S * D);
 }
 
 template <typename T>
