@@ -4,11 +4,13 @@
 // Contract: g3dr_kernels/ops/composite.py.
 
 // The float32 coefficient loops below vectorise only if the compiler may evaluate both sides of a select
-// (GCC otherwise keeps branches around arithmetic that "could trap"). Nothing here enables FP exceptions,
-// and -fno-trapping-math changes no result (no reassociation, same rounding). Before every include, so
-// inline functions share one set of options.
+// (GCC otherwise keeps branches around arithmetic that "could trap"): nothing here enables FP exceptions,
+// and -fno-trapping-math changes no result. fp-contract=fast lets the AVX2+FMA build of those loops fuse
+// multiply-adds (-std=c++20 turns contraction off); everything else is compiled for the baseline ISA,
+// which has no FMA, so it changes nothing there. Before every include, so inline functions share one set
+// of options.
 #if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC optimize("no-trapping-math")
+#pragma GCC optimize("no-trapping-math", "fp-contract=fast")
 #endif
 
 #include <ATen/ATen.h>
@@ -131,15 +133,12 @@ G3DR_ALWAYS_INLINE void exp_expm1_neg(float a, float& E, float& M) {
   const float magic = 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer
   const float n = (y * 1.44269504088896341f + magic) - magic;
   const float r = (y - n * 0.693359375f) - n * -2.12194440e-4f;  // |r| <= ln2/2, Cody-Waite split of ln2
-  // expm1(r), Taylor to r^8 (truncation < 1e-9 relative on |r| <= 0.35)
-  float p = 1.f / 40320.f;
-  p = p * r + 1.f / 5040.f;
-  p = p * r + 1.f / 720.f;
-  p = p * r + 1.f / 120.f;
-  p = p * r + 1.f / 24.f;
-  p = p * r + 1.f / 6.f;
-  p = p * r + 0.5f;
-  const float em = r + (r * r) * p;
+  // expm1(r) = r + r^2 p(r), Taylor to r^8 (truncation < 1e-9 relative on |r| <= 0.35); p in Estrin's
+  // scheme, whose short dependency chains keep the vector units busy.
+  const float r2 = r * r, r4 = r2 * r2;
+  const float p = ((0.5f + r * (1.f / 6.f)) + r2 * (1.f / 24.f + r * (1.f / 120.f))) +
+                  r4 * ((1.f / 720.f + r * (1.f / 5040.f)) + r2 * (1.f / 40320.f));
+  const float em = r + r2 * p;
   const float s = float_of((static_cast<int32_t>(n) + 127) << 23);  // 2^n, n in [-126, 0]
   E = s * em + s;
   M = s * em + (s - 1.f);  // s - 1 is exact for n >= -24 and rounds to -1 below
@@ -150,17 +149,12 @@ G3DR_ALWAYS_INLINE float log1p_unit(float u) {
   const bool big = u > 0.41421356f;  // 1 + u > sqrt(2): log1p(u) = ln 2 + log1p((u - 1) / 2)
   const float f_big = (u - 1.f) * 0.5f;
   const float f = big ? f_big : u;
-  const float z = f * f;
-  float y = 7.0376836292e-2f;
-  y = y * f - 1.1514610310e-1f;
-  y = y * f + 1.1676998740e-1f;
-  y = y * f - 1.2420140846e-1f;
-  y = y * f + 1.4249322787e-1f;
-  y = y * f - 1.6668057665e-1f;
-  y = y * f + 2.0000714765e-1f;
-  y = y * f - 2.4999993993e-1f;
-  y = y * f + 3.3333331174e-1f;
-  y = y * f * z;
+  // log1p(f) = f - f^2/2 + f^3 P(f), P of degree 8 in Estrin's scheme
+  const float z = f * f, z2 = z * z;
+  const float P = ((3.3333331174e-1f - 2.4999993993e-1f * f) + z * (2.0000714765e-1f - 1.6668057665e-1f * f)) +
+                  z2 * (((1.4249322787e-1f - 1.2420140846e-1f * f) + z * (1.1676998740e-1f - 1.1514610310e-1f * f)) +
+                        z2 * 7.0376836292e-2f);
+  float y = P * f * z;
   y += big ? -2.12194440e-4f : 0.f;
   y -= 0.5f * z;
   const float res = f + y;
@@ -206,27 +200,50 @@ G3DR_ALWAYS_INLINE void fill_table_impl(const float* __restrict__ sigma, const f
   }
 }
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define G3DR_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define G3DR_CLONES
+// Each fill is compiled twice on x86-64: for the baseline ISA (SSE2) and for AVX2+FMA, picked at run time.
+#define G3DR_FILL_BODIES(SUFFIX, ATTR)                                                                          \
+  ATTR void fill_table_fwd_##SUFFIX(const float* __restrict__ sigma, const float* __restrict__ depths, int64_t n, \
+                                    const Params<float>& prm, float* __restrict__ alpha,                          \
+                                    float* __restrict__ trans) {                                                  \
+    fill_table_impl<false, false>(sigma, depths, n, prm, nullptr, alpha, trans, nullptr, nullptr, nullptr);        \
+  }                                                                                                               \
+  ATTR void fill_table_bwd_##SUFFIX(const float* __restrict__ sigma, const float* __restrict__ depths, int64_t n, \
+                                    const Params<float>& prm, const float* __restrict__ target,                   \
+                                    float* __restrict__ alpha, float* __restrict__ trans, float* __restrict__ ga,  \
+                                    float* __restrict__ gb, float* __restrict__ k) {                              \
+    if (target != nullptr) {                                                                                      \
+      fill_table_impl<true, true>(sigma, depths, n, prm, target, alpha, trans, ga, gb, k);                         \
+    } else {                                                                                                      \
+      fill_table_impl<true, false>(sigma, depths, n, prm, nullptr, alpha, trans, ga, gb, nullptr);                 \
+    }                                                                                                             \
+  }
+
+G3DR_FILL_BODIES(base, )
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define G3DR_HAVE_AVX2_FILL 1
+#define G3DR_AVX2_ATTR __attribute__((target("avx2,fma")))
+G3DR_FILL_BODIES(avx2, G3DR_AVX2_ATTR)
+
+bool cpu_has_avx2_fma() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+}
 #endif
 
-// (__restrict__ here too: the inlined body's qualifiers are not enough for the alias analysis.)
-G3DR_CLONES void fill_table_fwd(const float* __restrict__ sigma, const float* __restrict__ depths, int64_t n,
-                                const Params<float>& prm, float* __restrict__ alpha, float* __restrict__ trans) {
-  fill_table_impl<false, false>(sigma, depths, n, prm, nullptr, alpha, trans, nullptr, nullptr, nullptr);
+void fill_table_fwd(const float* sigma, const float* depths, int64_t n, const Params<float>& prm, float* alpha,
+                    float* trans) {
+#ifdef G3DR_HAVE_AVX2_FILL
+  if (cpu_has_avx2_fma()) return fill_table_fwd_avx2(sigma, depths, n, prm, alpha, trans);
+#endif
+  fill_table_fwd_base(sigma, depths, n, prm, alpha, trans);
 }
 
-G3DR_CLONES void fill_table_bwd(const float* __restrict__ sigma, const float* __restrict__ depths, int64_t n,
-                                const Params<float>& prm, const float* __restrict__ target, float* __restrict__ alpha,
-                                float* __restrict__ trans, float* __restrict__ ga, float* __restrict__ gb,
-                                float* __restrict__ k) {
-  if (target != nullptr) {
-    fill_table_impl<true, true>(sigma, depths, n, prm, target, alpha, trans, ga, gb, k);
-  } else {
-    fill_table_impl<true, false>(sigma, depths, n, prm, nullptr, alpha, trans, ga, gb, nullptr);
-  }
+void fill_table_bwd(const float* sigma, const float* depths, int64_t n, const Params<float>& prm, const float* target,
+                    float* alpha, float* trans, float* ga, float* gb, float* k) {
+#ifdef G3DR_HAVE_AVX2_FILL
+  if (cpu_has_avx2_fma()) return fill_table_bwd_avx2(sigma, depths, n, prm, target, alpha, trans, ga, gb, k);
+#endif
+  fill_table_bwd_base(sigma, depths, n, prm, target, alpha, trans, ga, gb, k);
 }
 
 // Rays per table block: about 2048 sample pairs, so the block's tables stay in L1/L2.
@@ -314,9 +331,16 @@ void bwd_cpu_impl(const at::Tensor& g_rgb, const at::Tensor& g_depth, const at::
         for (int64_t r = r0; r < r1; ++r) {
           const int64_t o = (r - r0) * S;
           const Table<float> src{al + o, tr + o, ga + o, gb + o, tg != nullptr ? kk + o : nullptr};
-          ray_backward<scalar_t, scalar_t>(src, gr + r * D, gd[r], go[r], gw != nullptr ? gw + r * I : nullptr,
-                                           c + r * S * D, t + r * S, orgb + r * D, od[r], oo[r], S, D, prm, gs + r * S,
-                                           gc + r * S * D);
+          auto run = [&](auto dc) {
+            ray_backward<scalar_t, scalar_t, decltype(dc)::value>(
+                src, gr + r * D, gd[r], go[r], gw != nullptr ? gw + r * I : nullptr, c + r * S * D, t + r * S,
+                orgb + r * D, od[r], oo[r], S, D, prm, gs + r * S, gc + r * S * D);
+          };
+          if (D == 3) {
+            run(std::integral_constant<int, 3>{});
+          } else {
+            run(std::integral_constant<int, 0>{});
+          }
         }
       }
     } else {

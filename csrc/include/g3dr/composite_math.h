@@ -248,13 +248,15 @@ G3DR_HD void ray_forward(const Src& src, const scalar_t* __restrict__ rgb, const
 }
 
 // Backward for one ray. Rows: g_rgb, out_rgb [D]; g_weights [S-1] or nullptr; rgb [S, D], depths [S].
-// Writes grad_sigma [S] and grad_rgb [S, D] (every entry).
-template <typename scalar_t, typename acc_t, typename Src>
+// Writes grad_sigma [S] and grad_rgb [S, D] (every entry). DC > 0: D == DC known at compile time (the
+// per-sample channel loops unroll); DC = 0: any D.
+template <typename scalar_t, typename acc_t, int DC = 0, typename Src>
 G3DR_HD void ray_backward(const Src& src, const scalar_t* __restrict__ g_rgb, acc_t g_depth, acc_t g_opacity,
                           const scalar_t* __restrict__ g_weights, const scalar_t* __restrict__ rgb,
                           const scalar_t* __restrict__ depths, const scalar_t* __restrict__ out_rgb, acc_t depth,
-                          acc_t opacity, int64_t S, int64_t D, const Params<acc_t>& prm,
+                          acc_t opacity, int64_t S, int64_t D_, const Params<acc_t>& prm,
                           scalar_t* __restrict__ grad_sigma, scalar_t* __restrict__ grad_rgb) {
+  const int64_t D = DC > 0 ? DC : D_;
   // G_i = g_rgb.c_i + gd * t_i + base (+ g_weights_i)
   const acc_t gd = g_depth / (opacity + prm.eps);
   acc_t sum_g = acc_t(0), dot_out = acc_t(0);
