@@ -342,6 +342,24 @@ def test_numerics(backend_dev, target, white):
         assert (got["grad_sigma"][:, 3] == 0).all()
 
 
+@pytest.mark.parametrize("backend_dev", BACKENDS)
+@pytest.mark.parametrize("sigma_scale", [0.3, 40.0], ids=["small", "wide"])
+def test_density_range(backend_dev, sigma_scale):
+    """Densities from tiny to far past softplus's threshold of 20 and exp's range (the float32 CPU path
+    has its own vectorised exp/log1p/expm1), with uneven spacing down to near-zero intervals."""
+    backend, device = backend_dev
+
+    def make(B, R, S, D, dtype, device, target, seed):
+        s, c, d, t = _inputs(B, R, S, D, dtype, device, target=target, seed=seed, sigma_scale=sigma_scale)
+        g = torch.Generator().manual_seed(seed + 1)
+        gaps = torch.rand(B, R, S, generator=g, dtype=torch.float64) ** 4  # many tiny gaps, a few large
+        d = (1 + 2 * gaps.cumsum(-1) / gaps.sum(-1, keepdim=True)).to(dtype)
+        return s, c, d, t
+
+    for dtype in _dtypes(backend):
+        _compare(backend, device, dtype, 2, 8, 40, 3, target=True, white=False, make=make)
+
+
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_cuda_half(dtype):
