@@ -12,6 +12,7 @@
 
 #include <optional>
 #include <tuple>
+#include <type_traits>
 
 #include "g3dr/composite_math.h"
 
@@ -46,7 +47,7 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, int DC>
 __global__ void __launch_bounds__(kThreads)
     composite_bwd_kernel(const scalar_t* __restrict__ g_rgb, const scalar_t* __restrict__ g_depth,
                          const scalar_t* __restrict__ g_opacity, const scalar_t* __restrict__ g_weights,
@@ -58,7 +59,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (r >= n) return;
   const OnTheFly<scalar_t, acc_t> src{sigma + r * S, depths + r * S, target != nullptr ? target + r : nullptr, prm};
-  ray_backward<scalar_t, acc_t>(src, g_rgb + r * D, static_cast<acc_t>(g_depth[r]), static_cast<acc_t>(g_opacity[r]),
+  ray_backward<scalar_t, acc_t, DC>(src, g_rgb + r * D, static_cast<acc_t>(g_depth[r]), static_cast<acc_t>(g_opacity[r]),
                                 g_weights != nullptr ? g_weights + r * (S - 1) : nullptr, rgb + r * S * D,
                                 depths + r * S, out_rgb + r * D, static_cast<acc_t>(out_depth[r]),
                                 static_cast<acc_t>(out_opacity[r]), S, D, prm, grad_sigma + r * S, grad_rgb + r * S * D);
@@ -138,13 +139,20 @@ std::tuple<at::Tensor, at::Tensor> composite_bwd_cuda(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, sigma.scalar_type(), "composite_bwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto prm = make_params<acc_t>(s1, s2, c_min, c_max, density_bias, eps, white_bg);
-    composite_bwd_kernel<scalar_t, acc_t><<<blocks_for(n), kThreads, 0, stream>>>(
-        g_rgb.const_data_ptr<scalar_t>(), g_depth.const_data_ptr<scalar_t>(), g_op.const_data_ptr<scalar_t>(),
-        g_w.has_value() ? g_w->const_data_ptr<scalar_t>() : nullptr, sigma.const_data_ptr<scalar_t>(),
-        rgb.const_data_ptr<scalar_t>(), depths.const_data_ptr<scalar_t>(),
-        target.has_value() ? target->const_data_ptr<scalar_t>() : nullptr, o_rgb.const_data_ptr<scalar_t>(),
-        o_depth.const_data_ptr<scalar_t>(), o_op.const_data_ptr<scalar_t>(), n, S, D, prm,
-        grad_sigma.mutable_data_ptr<scalar_t>(), grad_rgb.mutable_data_ptr<scalar_t>());
+    auto launch = [&](auto dc) {  // D = 3 (RGB) compiled with its channel loops unrolled
+      composite_bwd_kernel<scalar_t, acc_t, decltype(dc)::value><<<blocks_for(n), kThreads, 0, stream>>>(
+          g_rgb.const_data_ptr<scalar_t>(), g_depth.const_data_ptr<scalar_t>(), g_op.const_data_ptr<scalar_t>(),
+          g_w.has_value() ? g_w->const_data_ptr<scalar_t>() : nullptr, sigma.const_data_ptr<scalar_t>(),
+          rgb.const_data_ptr<scalar_t>(), depths.const_data_ptr<scalar_t>(),
+          target.has_value() ? target->const_data_ptr<scalar_t>() : nullptr, o_rgb.const_data_ptr<scalar_t>(),
+          o_depth.const_data_ptr<scalar_t>(), o_op.const_data_ptr<scalar_t>(), n, S, D, prm,
+          grad_sigma.mutable_data_ptr<scalar_t>(), grad_rgb.mutable_data_ptr<scalar_t>());
+    };
+    if (D == 3) {
+      launch(std::integral_constant<int, 3>{});
+    } else {
+      launch(std::integral_constant<int, 0>{});
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {grad_sigma, grad_rgb};
