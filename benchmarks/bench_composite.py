@@ -83,5 +83,6 @@ def test_composite(benchmark, cfg, impl, mode):
         sigma.requires_grad_(True)
         rgb.requires_grad_(True)
         fn = fwd_bwd(_fn(impl, sigma, rgb, depths, target, cfg["weights"]), [sigma, rgb])
-    row = run_case(benchmark, op="composite", impl=impl, mode=mode, config=_label(cfg), device=cfg["device"], fn=fn)
+    row = run_case(benchmark, op="composite", impl=impl, mode=mode, config=_label(cfg), device=cfg["device"], fn=fn,
+                   rounds=5)  # 5: the CPU runners are shared, medians of 3 were noisy
     assert row["median_s"] > 0

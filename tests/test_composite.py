@@ -360,6 +360,19 @@ def test_density_range(backend_dev, sigma_scale):
         _compare(backend, device, dtype, 2, 8, 40, 3, target=True, white=False, make=make)
 
 
+@pytest.mark.parametrize("backend_dev", BACKENDS)
+def test_nan_density_propagates(backend_dev):
+    """A NaN density poisons its ray from that interval on, as in the reference (not hidden)."""
+    backend, device = backend_dev
+    sigma, rgb, depths, tgt = _inputs(1, 4, 10, 3, torch.float32, device)
+    sigma[0, 1, 6] = float("nan")
+    got = gk.composite(sigma, rgb, depths, target_depth=tgt, backend=backend)
+    want = reference.composite(sigma.cpu(), rgb.cpu(), depths.cpu(), target_depth=tgt.cpu())
+    for name, a, b in zip(OUTPUTS, got, want):
+        assert torch.equal(torch.isnan(a.cpu()), torch.isnan(b)), f"{name}: NaN pattern differs"
+    assert torch.isnan(got.rgb[0, 1]).all() and not torch.isnan(got.rgb[0, 0]).any()
+
+
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_cuda_half(dtype):

@@ -97,10 +97,10 @@ int64_t grain(int64_t S) { return std::max<int64_t>(1, 4096 / std::max<int64_t>(
 
 // ---------------------------------------------------------------------------------------------------
 // float32: the transcendentals of a whole ray at once, in branch-free float code that the compiler
-// vectorises (SSE2 everywhere; an AVX2 clone is picked at load time where the CPU has it). Each is
+// vectorises (SSE2 everywhere, and an AVX2+FMA build picked at run time where the CPU has it). Each is
 // within a few ulps of libm: Cephes-style range reduction and polynomials.
 // ---------------------------------------------------------------------------------------------------
-// (Always inlined, so that each target clone below compiles them for its own instruction set.)
+// (Always inlined, so that each build below compiles them for its own instruction set.)
 #if defined(__GNUC__)
 #define G3DR_ALWAYS_INLINE inline __attribute__((always_inline))
 #else
@@ -121,15 +121,14 @@ G3DR_ALWAYS_INLINE int32_t bits_of(float f) {
   return i;
 }
 
-// E = exp(-a) and M = expm1(-a) for a >= 0. Above 87.3 (where exp(-a) leaves the normal range) a is
-// clamped: E = 1.2e-38 instead of something smaller, M = -1. The clamp is done on the bit patterns (for
-// non-negative floats their order is the value order) so that the compiler sees one straight path and
-// vectorises it, rather than a branch with a constant result.
+// E = exp(-a) and M = expm1(-a) for a >= 0 (NaN stays NaN). Above 87.3 (where exp(-a) leaves the normal
+// range) a is clamped: E = 1.2e-38 instead of something smaller, M = -1. The clamp is a blend of bit
+// patterns so that the compiler sees one straight path and vectorises it, rather than a branch with a
+// constant result.
 G3DR_ALWAYS_INLINE void exp_expm1_neg(float a, float& E, float& M) {
   const int32_t kClamp = bits_of(87.3f);
-  const int32_t ab = bits_of(a);
-  const int32_t keep = (ab - kClamp) >> 31;  // all ones when a < 87.3
-  const float y = -float_of((ab & keep) | (kClamp & ~keep));
+  const int32_t keep = -static_cast<int32_t>(!(a >= 87.3f));  // all ones when a < 87.3 or a is NaN
+  const float y = -float_of((bits_of(a) & keep) | (kClamp & ~keep));
   const float magic = 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer
   const float n = (y * 1.44269504088896341f + magic) - magic;
   const float r = (y - n * 0.693359375f) - n * -2.12194440e-4f;  // |r| <= ln2/2, Cody-Waite split of ln2
