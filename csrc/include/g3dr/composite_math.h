@@ -23,9 +23,10 @@
 // delta = 0 gives alpha = 0 and a zero density gradient.
 //
 // The scans read the per-interval coefficients (Coef) from a source: OnTheFly computes them from the
-// samples with the scalar math below (the CUDA kernel, and the CPU kernel in float64); the CPU kernel in
-// float32 fills a per-ray table with vectorised transcendentals first (csrc/cpu/composite.cpp), through
-// the same stage functions (softplus_stage, alpha_stage, grad_coefs).
+// samples with the scalar math below (the CUDA kernel, and the CPU kernel in float64, so the CPU tests
+// cover the GPU's math); the CPU kernel in float32 first fills a table for a block of rays with
+// vectorised transcendentals (csrc/cpu/composite.cpp), through the same stage functions
+// (softplus_stage, alpha_stage, kernel_stage, grad_coefs).
 #pragma once
 
 #include <cmath>
