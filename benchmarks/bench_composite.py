@@ -3,11 +3,11 @@
 forward+backward (gradients to sigma and rgb), time and peak memory.
 
 Configs ("target": with a target depth, so the scaling runs):
-  CPU:   B=4, R=16,384, S=64, D=3, every output in the loss (rgb, depth, opacity, weights)
+  CPU:   B=4, R=16,384, S=64, D=3, every output differentiated (rgb, depth, opacity, weights)
   CPU:   the same without the weights (the backends' fast path return_weights=False; the baseline
-         still computes its weights, it just leaves them out of the loss)
+         still computes its weights, they just get no upstream gradient)
   G3DR (only with a GPU): B=8, R=65,536 (256x256 rays), S=96, D=3, every output.
-The fwd+bwd loss is the harness's: sum over outputs of mean(o^2).
+fwd+bwd is the harness's: backward from fixed upstream gradients on every differentiable output.
 
 Run: PYTHONPATH=$PWD python -m pytest benchmarks/bench_composite.py --benchmark-only -q
 """
