@@ -1,0 +1,514 @@
+// Fully fused renderer (points -> multi-resolution triplane sampling -> decoder -> composite): op
+// schemas and the CPU kernels. Contract: g3dr_kernels/ops/render.py. Per-sample math lives in
+// csrc/include/g3dr/render_math.h (with sample_math.h and composite_math.h), shared with
+// csrc/cuda/render.cu; this file checks arguments, lays the planes out channels-last and runs chunks of
+// rays per thread with at::parallel_for.
+//
+// Memory: nothing of size B x R x S is ever allocated. The forward writes per-ray outputs (and the
+// weights when asked); the backward recomputes every sample once, streaming along each ray (see
+// render_math.h), and accumulates plane and decoder gradients in per-chunk buffers that are reduced in
+// a fixed order at the end (deterministic for a given thread count).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/OpMathType.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "g3dr/render_math.h"
+
+namespace g3dr {
+namespace render {
+
+struct Dims {
+  int64_t B, R, S, C, Hd, O;
+};
+
+// Argument checks shared with csrc/cuda/render.cu (declared there). Shapes in every message.
+Dims check_fwd_args(at::TensorList levels, const at::Tensor& rays_o, const at::Tensor& rays_d,
+                    const at::Tensor& depths, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+                    const at::Tensor& b2, const std::optional<at::Tensor>& target, int64_t plane_axes, double s2,
+                    double c_min, double c_max) {
+  TORCH_CHECK(!levels.empty() && static_cast<int>(levels.size()) <= kMaxLevels, "render: expected 1..", kMaxLevels,
+              " pyramid levels, got ", levels.size());
+  const at::Tensor& l0 = levels[0];
+  TORCH_CHECK(l0.dim() == 5 && l0.size(1) == 3, "render: levels[0] must be [B,3,C,H,W], got ", l0.sizes());
+  const int64_t B = l0.size(0), C = l0.size(2);
+  for (size_t l = 0; l < levels.size(); ++l) {
+    const at::Tensor& lv = levels[l];
+    TORCH_CHECK(lv.dim() == 5 && lv.size(0) == B && lv.size(1) == 3 && lv.size(2) == C && lv.size(3) >= 1 &&
+                    lv.size(4) >= 1,
+                "render: every level must be [B,3,C,H,W] with levels[0]'s B and C ", l0.sizes(), "; levels[", l,
+                "] is ", lv.sizes());
+    TORCH_CHECK(lv.scalar_type() == l0.scalar_type() && lv.device() == l0.device(), "render: levels[", l,
+                "] is ", lv.scalar_type(), " on ", lv.device(), " but levels[0] is ", l0.scalar_type(), " on ",
+                l0.device());
+  }
+  TORCH_CHECK(depths.dim() == 3 && depths.size(0) == B, "render: depths must be [B,R,S] with B = ", B, ", got ",
+              depths.sizes());
+  const int64_t R = depths.size(1), S = depths.size(2);
+  TORCH_CHECK(S >= 2, "render: needs S >= 2 samples per ray, got depths ", depths.sizes());
+  auto is = [](const at::Tensor& t, std::initializer_list<int64_t> shape) { return t.sizes() == at::IntArrayRef(shape); };
+  TORCH_CHECK(is(rays_o, {B, R, 3}) && is(rays_d, {B, R, 3}), "render: rays_o and rays_d must be [B,R,3] = [", B,
+              ", ", R, ", 3], got ", rays_o.sizes(), " and ", rays_d.sizes());
+  TORCH_CHECK(w1.dim() == 2 && w1.size(1) == C && w2.dim() == 2 && w2.size(0) >= 2 && w2.size(1) == w1.size(0) &&
+                  is(b1, {w1.size(0)}) && is(b2, {w2.size(0)}),
+              "render: decoder must be w1 [hidden,C=", C, "], b1 [hidden], w2 [1+D,hidden] (D >= 1), b2 [1+D]; got w1 ",
+              w1.sizes(), ", b1 ", b1.sizes(), ", w2 ", w2.sizes(), ", b2 ", b2.sizes());
+  if (target.has_value()) {
+    TORCH_CHECK(is(*target, {B, R}), "render: target must be [B,R] = [", B, ", ", R, "], got ", target->sizes());
+  }
+  for (const at::Tensor* t : {&rays_o, &rays_d, &depths, &w1, &b1, &w2, &b2}) {
+    TORCH_CHECK(t->scalar_type() == l0.scalar_type() && t->device() == l0.device(),
+                "render: all inputs must share the planes' dtype and device (", l0.scalar_type(), " on ", l0.device(),
+                "), got a tensor of shape ", t->sizes(), " that is ", t->scalar_type(), " on ", t->device());
+  }
+  if (target.has_value()) {
+    TORCH_CHECK(target->scalar_type() == l0.scalar_type() && target->device() == l0.device(),
+                "render: target must match the planes' dtype and device, got ", target->scalar_type(), " on ",
+                target->device());
+  }
+  TORCH_CHECK(plane_axes == 0 || plane_axes == 1, "render: plane_axes must be 0 (eg3d) or 1 (xyz), got ", plane_axes);
+  TORCH_CHECK(s2 > 0 && c_min <= c_max, "render: depth kernel needs s2 > 0 and c_min <= c_max, got s2=", s2,
+              ", c_min=", c_min, ", c_max=", c_max);
+  return Dims{B, R, S, C, w1.size(0), w2.size(0)};
+}
+
+void check_bwd_args(const Dims& d, const at::Tensor& grad_rgb, const at::Tensor& grad_depth,
+                    const at::Tensor& grad_opacity, const std::optional<at::Tensor>& grad_weights,
+                    const at::Tensor& out_rgb, const at::Tensor& out_depth, const at::Tensor& out_opacity,
+                    const at::Tensor& ref) {
+  const int64_t B = d.B, R = d.R, D = d.O - 1;
+  auto is = [](const at::Tensor& t, std::initializer_list<int64_t> shape) { return t.sizes() == at::IntArrayRef(shape); };
+  TORCH_CHECK(is(grad_rgb, {B, R, D}) && is(out_rgb, {B, R, D}) && is(grad_depth, {B, R}) &&
+                  is(grad_opacity, {B, R}) && is(out_depth, {B, R}) && is(out_opacity, {B, R}),
+              "render_bwd: expected grad_rgb/out_rgb [B,R,D] = [", B, ", ", R, ", ", D,
+              "] and grad_depth/grad_opacity/out_depth/out_opacity [B,R]; got grad_rgb ", grad_rgb.sizes(),
+              ", out_rgb ", out_rgb.sizes(), ", grad_depth ", grad_depth.sizes(), ", grad_opacity ",
+              grad_opacity.sizes(), ", out_depth ", out_depth.sizes(), ", out_opacity ", out_opacity.sizes());
+  if (grad_weights.has_value()) {
+    TORCH_CHECK(is(*grad_weights, {B, R, d.S - 1}), "render_bwd: grad_weights must be [B,R,S-1] = [", B, ", ", R,
+                ", ", d.S - 1, "], got ", grad_weights->sizes());
+  }
+  for (const at::Tensor* t : {&grad_rgb, &grad_depth, &grad_opacity, &out_rgb, &out_depth, &out_opacity}) {
+    TORCH_CHECK(t->scalar_type() == ref.scalar_type() && t->device() == ref.device(),
+                "render_bwd: gradients and saved outputs must be ", ref.scalar_type(), " on ", ref.device(),
+                ", got a tensor of shape ", t->sizes(), " that is ", t->scalar_type(), " on ", t->device());
+  }
+  if (grad_weights.has_value()) {
+    TORCH_CHECK(grad_weights->scalar_type() == ref.scalar_type() && grad_weights->device() == ref.device(),
+                "render_bwd: grad_weights must be ", ref.scalar_type(), " on ", ref.device());
+  }
+}
+
+namespace {
+
+// Rays per parallel_for grain in the forward, and the fewest rays a backward chunk gets (each chunk
+// owns a plane-gradient buffer of one batch element, so chunks must not be tiny).
+constexpr int64_t kFwdGrain = 8;
+constexpr int64_t kMinRaysPerChunk = 64;
+
+// [B,3,C,H,W] levels -> channels-last [B,3,H,W,C] copies (a corner's C channels are contiguous).
+std::vector<at::Tensor> channels_last(at::TensorList levels) {
+  std::vector<at::Tensor> out;
+  for (const at::Tensor& lv : levels) out.push_back(lv.permute({0, 1, 3, 4, 2}).contiguous());
+  return out;
+}
+
+template <typename T>
+PyramidView<T> view_of(const std::vector<at::Tensor>& cl, int64_t C) {
+  PyramidView<T> v{};
+  v.levels = static_cast<int>(cl.size());
+  v.C = static_cast<int>(C);
+  for (int l = 0; l < v.levels; ++l) {
+    v.data[l] = cl[l].data_ptr<std::remove_const_t<T>>();
+    v.H[l] = static_cast<int>(cl[l].size(2));
+    v.W[l] = static_cast<int>(cl[l].size(3));
+    v.batch_stride[l] = cl[l].stride(0);
+  }
+  return v;
+}
+
+template <typename acc_t>
+composite::Params<acc_t> params(double s1, double s2, double c_min, double c_max, double density_bias, double eps,
+                                bool white_bg) {
+  return composite::Params<acc_t>{acc_t(s1), acc_t(s2), acc_t(c_min), acc_t(c_max), acc_t(density_bias),
+                                  acc_t(eps), white_bg};
+}
+
+// Decoder weights in the accumulation type: w1 [Hd,C], its transpose [C,Hd], b1, w2 [O,Hd], b2.
+struct Decoder {
+  at::Tensor w1, w1t, b1, w2, b2;
+};
+
+Decoder decoder_in(const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
+                   at::ScalarType acc) {
+  Decoder d;
+  d.w1 = w1.to(acc).contiguous();
+  d.w1t = d.w1.t().contiguous();
+  d.b1 = b1.to(acc).contiguous();
+  d.w2 = w2.to(acc).contiguous();
+  d.b2 = b2.to(acc).contiguous();
+  return d;
+}
+
+// The point of sample s of a ray in plane units: u = (o + z d) * scale.
+template <typename scalar_t, typename acc_t>
+inline void sample_point(const scalar_t* o, const scalar_t* dir, acc_t z, acc_t scale, acc_t* u) {
+  for (int k = 0; k < 3; ++k) {
+    const scalar_t x = static_cast<scalar_t>(o[k] + static_cast<scalar_t>(z) * dir[k]);
+    u[k] = static_cast<acc_t>(x) * scale;
+  }
+}
+
+template <typename scalar_t>
+void render_fwd_kernel(const Dims& d, const std::vector<at::Tensor>& cl, const at::Tensor& rays_o,
+                       const at::Tensor& rays_d, const at::Tensor& depths, const Decoder& dec,
+                       const std::optional<at::Tensor>& /*target: forward values do not depend on it*/,
+                       double scale_, int64_t plane_axes, const composite::Params<at::opmath_type<scalar_t>>& prm,
+                       at::Tensor& out_rgb, at::Tensor& out_depth, at::Tensor& out_opacity, at::Tensor* weights) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t S = d.S, C = d.C, Hd = d.Hd, O = d.O, D = d.O - 1, R = d.R;
+  const PyramidView<const scalar_t> pv = view_of<const scalar_t>(cl, C);
+  const scalar_t* ro = rays_o.data_ptr<scalar_t>();
+  const scalar_t* rd = rays_d.data_ptr<scalar_t>();
+  const scalar_t* dz = depths.data_ptr<scalar_t>();
+  const acc_t *w1t = dec.w1t.data_ptr<acc_t>(), *b1 = dec.b1.data_ptr<acc_t>();
+  const acc_t *w2 = dec.w2.data_ptr<acc_t>(), *b2 = dec.b2.data_ptr<acc_t>();
+  scalar_t* o_rgb = out_rgb.data_ptr<scalar_t>();
+  scalar_t* o_depth = out_depth.data_ptr<scalar_t>();
+  scalar_t* o_opacity = out_opacity.data_ptr<scalar_t>();
+  scalar_t* o_w = weights != nullptr ? weights->data_ptr<scalar_t>() : nullptr;
+  const acc_t scale = static_cast<acc_t>(scale_);
+  const int pa = static_cast<int>(plane_axes);
+
+  at::parallel_for(0, d.B * R, kFwdGrain, [&](int64_t begin, int64_t end) {
+    // f [C], a [Hd], h [Hd], o [O], colour accumulator [D], previous sample's colour [D]
+    std::vector<acc_t> scratch(C + 2 * Hd + O + 2 * D);
+    acc_t* f = scratch.data();
+    acc_t* a = f + C;
+    acc_t* h = a + Hd;
+    acc_t* o = h + Hd;
+    acc_t* acc_rgb = o + O;
+    acc_t* prev_rgb = acc_rgb + D;
+    for (int64_t ray = begin; ray < end; ++ray) {
+      const int64_t b = ray / R;
+      const scalar_t* z = dz + ray * S;
+      acc_t T = acc_t(1), opacity = acc_t(0), wt = acc_t(0), prev_sigma = acc_t(0), prev_z = acc_t(0);
+      for (int64_t k = 0; k < D; ++k) acc_rgb[k] = acc_t(0);
+      for (int64_t s = 0; s < S; ++s) {
+        const acc_t zs = static_cast<acc_t>(z[s]);
+        acc_t u[3];
+        sample_point(ro + ray * 3, rd + ray * 3, zs, scale, u);
+        point_features(pv, b, u, pa, f);
+        mlp_forward(f, static_cast<int>(C), w1t, b1, static_cast<int>(Hd), w2, b2, static_cast<int>(O), a, h, o);
+        const acc_t sigma = o[0];
+        if (s > 0) {
+          const composite::Interval<acc_t> iv =
+              composite::interval<acc_t>(acc_t(0.5) * (prev_sigma + sigma), zs - prev_z, prm.density_bias);
+          const acc_t w = iv.alpha * T;
+          for (int64_t k = 0; k < D; ++k) acc_rgb[k] += w * (acc_t(0.5) * (prev_rgb[k] + rgb_activation(o[1 + k])));
+          opacity += w;
+          wt += w * (acc_t(0.5) * (prev_z + zs));
+          if (o_w != nullptr) o_w[ray * (S - 1) + s - 1] = static_cast<scalar_t>(w);
+          T *= iv.trans;
+        }
+        for (int64_t k = 0; k < D; ++k) prev_rgb[k] = rgb_activation(o[1 + k]);
+        prev_sigma = sigma;
+        prev_z = zs;
+      }
+      const acc_t bg = prm.white_bg ? acc_t(1) - opacity : acc_t(0);
+      for (int64_t k = 0; k < D; ++k) o_rgb[ray * D + k] = static_cast<scalar_t>(acc_rgb[k] + bg);
+      o_opacity[ray] = static_cast<scalar_t>(opacity);
+      o_depth[ray] = static_cast<scalar_t>(wt / (opacity + prm.eps));
+    }
+  });
+}
+
+struct PlainAdd {
+  template <typename T>
+  inline void operator()(T* p, T v) const {
+    *p += v;
+  }
+};
+
+// Decoder state of one recomputed sample.
+template <typename acc_t>
+struct SampleState {
+  acc_t *f, *a, *h, *o;
+  acc_t u[3];
+  acc_t z, sigma, dc;  // depth, density, g_rgb . rgb
+};
+
+template <typename scalar_t>
+void render_bwd_kernel(const Dims& d, const std::vector<at::Tensor>& cl, const at::Tensor& rays_o,
+                       const at::Tensor& rays_d, const at::Tensor& depths, const Decoder& dec,
+                       const std::optional<at::Tensor>& target, const at::Tensor& grad_rgb,
+                       const at::Tensor& grad_depth, const at::Tensor& grad_opacity,
+                       const std::optional<at::Tensor>& grad_weights, const at::Tensor& out_rgb,
+                       const at::Tensor& out_depth, const at::Tensor& out_opacity, double scale_, int64_t plane_axes,
+                       const composite::Params<at::opmath_type<scalar_t>>& prm, int64_t per_batch,
+                       at::Tensor& gplanes /* [B, per_batch, P] acc */, at::Tensor& gdec /* [B*per_batch, nW] f64 */) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t S = d.S, C = d.C, Hd = d.Hd, O = d.O, D = d.O - 1, R = d.R;
+  const int iC = static_cast<int>(C), iHd = static_cast<int>(Hd), iO = static_cast<int>(O);
+  const PyramidView<const scalar_t> pv = view_of<const scalar_t>(cl, C);
+  const scalar_t* ro = rays_o.data_ptr<scalar_t>();
+  const scalar_t* rd = rays_d.data_ptr<scalar_t>();
+  const scalar_t* dz = depths.data_ptr<scalar_t>();
+  const scalar_t* tg = target.has_value() ? target->data_ptr<scalar_t>() : nullptr;
+  const scalar_t* g_rgb = grad_rgb.data_ptr<scalar_t>();
+  const scalar_t* g_depth = grad_depth.data_ptr<scalar_t>();
+  const scalar_t* g_op = grad_opacity.data_ptr<scalar_t>();
+  const scalar_t* g_w = grad_weights.has_value() ? grad_weights->data_ptr<scalar_t>() : nullptr;
+  const scalar_t* s_rgb = out_rgb.data_ptr<scalar_t>();
+  const scalar_t* s_depth = out_depth.data_ptr<scalar_t>();
+  const scalar_t* s_op = out_opacity.data_ptr<scalar_t>();
+  const acc_t *w1 = dec.w1.data_ptr<acc_t>(), *w1t = dec.w1t.data_ptr<acc_t>(), *b1 = dec.b1.data_ptr<acc_t>();
+  const acc_t *w2 = dec.w2.data_ptr<acc_t>(), *b2 = dec.b2.data_ptr<acc_t>();
+  const acc_t scale = static_cast<acc_t>(scale_);
+  const int pa = static_cast<int>(plane_axes);
+  const int64_t P = gplanes.size(2);
+  const int64_t nW = gdec.size(1);
+  std::vector<int64_t> level_off(cl.size());
+  for (size_t l = 0, off = 0; l < cl.size(); ++l) {
+    level_off[l] = static_cast<int64_t>(off);
+    off += cl[l].numel() / d.B;
+  }
+  acc_t* gp_base = gplanes.data_ptr<acc_t>();
+  double* gdec_base = gdec.data_ptr<double>();
+
+  at::parallel_for(0, d.B * per_batch, 1, [&](int64_t cbegin, int64_t cend) {
+    // Two sample states (f [C], a [Hd], h [Hd], o [O]), gh [Hd], gf [C], go [O], per-ray decoder grads [nW].
+    std::vector<acc_t> scratch(2 * (C + 2 * Hd + O) + Hd + C + O + nW);
+    SampleState<acc_t> st[2];
+    acc_t* q = scratch.data();
+    for (auto& x : st) {
+      x.f = q;
+      x.a = x.f + C;
+      x.h = x.a + Hd;
+      x.o = x.h + Hd;
+      q = x.o + O;
+    }
+    acc_t* gh = q;
+    acc_t* gf = gh + Hd;
+    acc_t* go = gf + C;
+    acc_t* gw1 = go + O;  // the per-ray decoder gradient: gw1 [Hd,C], gb1 [Hd], gw2 [O,Hd], gb2 [O]
+    acc_t* gb1 = gw1 + Hd * C;
+    acc_t* gw2 = gb1 + Hd;
+    acc_t* gb2 = gw2 + O * Hd;
+    for (int64_t chunk = cbegin; chunk < cend; ++chunk) {
+      const int64_t b = chunk / per_batch, part = chunk % per_batch;
+      const int64_t r0 = R * part / per_batch, r1 = R * (part + 1) / per_batch;
+      PyramidView<acc_t> gv{};
+      gv.levels = pv.levels;
+      gv.C = pv.C;
+      for (int l = 0; l < pv.levels; ++l) {
+        gv.data[l] = gp_base + chunk * P + level_off[l];
+        gv.H[l] = pv.H[l];
+        gv.W[l] = pv.W[l];
+        gv.batch_stride[l] = 0;  // the buffer holds batch element b only
+      }
+      double* gdec_chunk = gdec_base + chunk * nW;
+
+      for (int64_t ray = b * R + r0; ray < b * R + r1; ++ray) {
+        const scalar_t* z = dz + ray * S;
+        const scalar_t* gr = g_rgb + ray * D;
+        RayGrad<acc_t> rg = ray_grad_setup<scalar_t, acc_t>(gr, static_cast<acc_t>(g_depth[ray]),
+                                                            static_cast<acc_t>(g_op[ray]), s_rgb + ray * D,
+                                                            static_cast<acc_t>(s_depth[ray]),
+                                                            static_cast<acc_t>(s_op[ray]), D, prm);
+        const scalar_t* gwr = nullptr;
+        if (g_w != nullptr) {
+          const scalar_t* row = g_w + ray * (S - 1);
+          if (std::any_of(row, row + S - 1, [](scalar_t v) { return v != scalar_t(0); })) gwr = row;
+        }
+        auto recompute = [&](SampleState<acc_t>& x, int64_t s, int outputs) {
+          x.z = static_cast<acc_t>(z[s]);
+          sample_point(ro + ray * 3, rd + ray * 3, x.z, scale, x.u);
+          point_features(pv, 0 + b, x.u, pa, x.f);
+          mlp_forward(x.f, iC, w1t, b1, iHd, w2, b2, outputs, x.a, x.h, x.o);
+          x.sigma = x.o[0];
+        };
+        if (gwr != nullptr) {  // sum_i w_i g_weights_i joins the total: one density-only scan
+          acc_t T = acc_t(1);
+          for (int64_t s = 0; s < S; ++s) {
+            SampleState<acc_t>& cur = st[s & 1];
+            const SampleState<acc_t>& prev = st[(s & 1) ^ 1];
+            recompute(cur, s, 1);
+            if (s > 0) {
+              const composite::Interval<acc_t> iv = composite::interval<acc_t>(
+                  acc_t(0.5) * (prev.sigma + cur.sigma), cur.z - prev.z, prm.density_bias);
+              rg.total += iv.alpha * T * static_cast<acc_t>(gwr[s - 1]);
+              T *= iv.trans;
+            }
+          }
+        }
+        const acc_t tgt = tg != nullptr ? static_cast<acc_t>(tg[ray]) : acc_t(0);
+        bool touched = false;
+        // Backprop sample x with dL/dsigma = gsig and dL/drgb = kw * g_rgb through the decoder and the
+        // bilinear taps.
+        auto backprop = [&](const SampleState<acc_t>& x, acc_t gsig, acc_t kw) {
+          go[0] = gsig;
+          bool any = gsig != acc_t(0);
+          for (int64_t k = 0; k < D; ++k) {
+            go[1 + k] = kw * static_cast<acc_t>(gr[k]) * rgb_activation_grad(x.o[1 + k]);
+            any = any || go[1 + k] != acc_t(0);
+          }
+          if (!any) return;  // e.g. rays that miss the box: nothing to add
+          touched = true;
+          mlp_backward(x.f, iC, w1, iHd, w2, iO, x.a, x.h, go, gh, gf, gw1, gb1, gw2, gb2);
+          scatter_point_grad(gv, 0, x.u, pa, gf, PlainAdd{});
+        };
+        acc_t T = acc_t(1), prefix = acc_t(0), prev_gsm = acc_t(0), prev_kw = acc_t(0);
+        for (int64_t s = 0; s < S; ++s) {
+          SampleState<acc_t>& cur = st[s & 1];
+          const SampleState<acc_t>& prev = st[(s & 1) ^ 1];
+          recompute(cur, s, iO);
+          cur.dc = acc_t(0);
+          for (int64_t k = 0; k < D; ++k) cur.dc += static_cast<acc_t>(gr[k]) * rgb_activation(cur.o[1 + k]);
+          if (s == 0) continue;
+          const acc_t delta = cur.z - prev.z, t_mid = acc_t(0.5) * (prev.z + cur.z);
+          const composite::Interval<acc_t> iv =
+              composite::interval<acc_t>(acc_t(0.5) * (prev.sigma + cur.sigma), delta, prm.density_bias);
+          const acc_t w = iv.alpha * T;
+          acc_t G = acc_t(0.5) * (prev.dc + cur.dc) + rg.gd * t_mid + rg.base;
+          if (gwr != nullptr) G += static_cast<acc_t>(gwr[s - 1]);
+          prefix += w * G;
+          acc_t gsm = interval_density_grad<acc_t>(iv, T, G, rg.total - prefix, delta);
+          acc_t kw = w;
+          if (tg != nullptr) {
+            const acc_t k = composite::depth_kernel<acc_t>(tgt, t_mid, prm);
+            gsm *= k;
+            kw *= k;
+          }
+          backprop(prev, acc_t(0.5) * (prev_gsm + gsm), acc_t(0.5) * (prev_kw + kw));
+          prev_gsm = gsm;
+          prev_kw = kw;
+          T *= iv.trans;
+        }
+        backprop(st[(S - 1) & 1], acc_t(0.5) * prev_gsm, acc_t(0.5) * prev_kw);
+        if (touched) {  // per-ray sums (S terms in acc_t) flushed into the chunk's float64 sums
+          for (int64_t i = 0; i < nW; ++i) {
+            gdec_chunk[i] += static_cast<double>(gw1[i]);
+            gw1[i] = acc_t(0);
+          }
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> render_fwd_cpu(
+    at::TensorList levels, const at::Tensor& rays_o, const at::Tensor& rays_d, const at::Tensor& depths,
+    const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
+    const std::optional<at::Tensor>& target, double scale, int64_t plane_axes, double s1, double s2, double c_min,
+    double c_max, double density_bias, double eps, bool white_bg, bool need_weights) {
+  const Dims d = check_fwd_args(levels, rays_o, rays_d, depths, w1, b1, w2, b2, target, plane_axes, s2, c_min, c_max);
+  TORCH_CHECK(depths.device().is_cpu(), "render_fwd (cpu): tensors must be on the CPU, got ", depths.device());
+  const auto opts = depths.options();
+  at::Tensor out_rgb = at::empty({d.B, d.R, d.O - 1}, opts);
+  at::Tensor out_depth = at::empty({d.B, d.R}, opts);
+  at::Tensor out_opacity = at::empty({d.B, d.R}, opts);
+  at::Tensor weights = need_weights ? at::empty({d.B, d.R, d.S - 1}, opts) : at::empty({0}, opts);
+  if (d.B * d.R == 0) return {out_rgb, out_depth, out_opacity, weights};
+  const std::vector<at::Tensor> cl = channels_last(levels);
+  const at::Tensor ro = rays_o.contiguous(), rd = rays_d.contiguous(), dz = depths.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(depths.scalar_type(), "render_fwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const Decoder dec = decoder_in(w1, b1, w2, b2, c10::CppTypeToScalarType<acc_t>::value);
+    render_fwd_kernel<scalar_t>(d, cl, ro, rd, dz, dec, target, scale, plane_axes,
+                                params<acc_t>(s1, s2, c_min, c_max, density_bias, eps, white_bg), out_rgb, out_depth,
+                                out_opacity, need_weights ? &weights : nullptr);
+  });
+  return {out_rgb, out_depth, out_opacity, weights};
+}
+
+std::vector<at::Tensor> render_bwd_cpu(const at::Tensor& grad_rgb, const at::Tensor& grad_depth,
+                                       const at::Tensor& grad_opacity, const std::optional<at::Tensor>& grad_weights,
+                                       at::TensorList levels, const at::Tensor& rays_o, const at::Tensor& rays_d,
+                                       const at::Tensor& depths, const at::Tensor& w1, const at::Tensor& b1,
+                                       const at::Tensor& w2, const at::Tensor& b2,
+                                       const std::optional<at::Tensor>& target, const at::Tensor& out_rgb,
+                                       const at::Tensor& out_depth, const at::Tensor& out_opacity, double scale,
+                                       int64_t plane_axes, double s1, double s2, double c_min, double c_max,
+                                       double density_bias, double eps, bool white_bg) {
+  const Dims d = check_fwd_args(levels, rays_o, rays_d, depths, w1, b1, w2, b2, target, plane_axes, s2, c_min, c_max);
+  check_bwd_args(d, grad_rgb, grad_depth, grad_opacity, grad_weights, out_rgb, out_depth, out_opacity, depths);
+  TORCH_CHECK(depths.device().is_cpu(), "render_bwd (cpu): tensors must be on the CPU, got ", depths.device());
+  const at::ScalarType acc = at::toOpMathType(depths.scalar_type());
+  // Chunks: each batch element's rays split into per_batch parts, enough for every thread to have one
+  // when B is small; each chunk owns a plane-gradient buffer for its batch element.
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t per_batch =
+      d.B == 0 ? 1 : std::max<int64_t>(1, std::min<int64_t>((threads + d.B - 1) / d.B, d.R / kMinRaysPerChunk));
+  int64_t P = 0;  // one batch element of the pyramid
+  for (const at::Tensor& lv : levels) P += lv.numel() / std::max<int64_t>(d.B, 1);
+  const int64_t nW = d.Hd * d.C + d.Hd + d.O * d.Hd + d.O;
+  at::Tensor gplanes = at::zeros({d.B, per_batch, P}, depths.options().dtype(acc));
+  at::Tensor gdec = at::zeros({d.B * per_batch, nW}, depths.options().dtype(at::kDouble));
+  if (d.B * d.R > 0) {
+    const std::vector<at::Tensor> cl = channels_last(levels);
+    const at::Tensor ro = rays_o.contiguous(), rd = rays_d.contiguous(), dz = depths.contiguous();
+    std::optional<at::Tensor> tg, gw;
+    if (target.has_value()) tg = target->contiguous();
+    if (grad_weights.has_value()) gw = grad_weights->contiguous();
+    AT_DISPATCH_FLOATING_TYPES(depths.scalar_type(), "render_bwd_cpu", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const Decoder dec = decoder_in(w1, b1, w2, b2, c10::CppTypeToScalarType<acc_t>::value);
+      render_bwd_kernel<scalar_t>(d, cl, ro, rd, dz, dec, tg, grad_rgb.contiguous(), grad_depth.contiguous(),
+                                  grad_opacity.contiguous(), gw, out_rgb.contiguous(), out_depth.contiguous(),
+                                  out_opacity.contiguous(), scale, plane_axes,
+                                  params<acc_t>(s1, s2, c_min, c_max, density_bias, eps, white_bg), per_batch, gplanes,
+                                  gdec);
+    });
+  }
+  const at::Tensor gsum = per_batch == 1 ? gplanes.select(1, 0) : gplanes.sum(1);  // [B, P], fixed order
+  std::vector<at::Tensor> out;
+  int64_t off = 0;
+  for (const at::Tensor& lv : levels) {
+    const int64_t H = lv.size(3), W = lv.size(4), n = 3 * H * W * d.C;
+    at::Tensor g = at::empty(lv.sizes(), lv.options());
+    g.copy_(gsum.narrow(1, off, n).view({d.B, 3, H, W, d.C}).permute({0, 1, 4, 2, 3}));
+    out.push_back(g);
+    off += n;
+  }
+  const at::Tensor gd = gdec.sum(0).to(depths.scalar_type());
+  int64_t o = 0;
+  auto take = [&](at::IntArrayRef shape, int64_t n) {
+    at::Tensor t = gd.narrow(0, o, n).view(shape).clone();
+    o += n;
+    return t;
+  };
+  out.push_back(take({d.Hd, d.C}, d.Hd * d.C));
+  out.push_back(take({d.Hd}, d.Hd));
+  out.push_back(take({d.O, d.Hd}, d.O * d.Hd));
+  out.push_back(take({d.O}, d.O));
+  return out;
+}
+
+}  // namespace render
+}  // namespace g3dr
+
+TORCH_LIBRARY_FRAGMENT(g3dr_C, m) {
+  m.def(
+      "render_fwd(Tensor[] levels, Tensor rays_o, Tensor rays_d, Tensor depths, Tensor w1, Tensor b1, Tensor w2, "
+      "Tensor b2, Tensor? target, float scale, int plane_axes, float s1, float s2, float c_min, float c_max, "
+      "float density_bias, float eps, bool white_bg, bool need_weights) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "render_bwd(Tensor grad_rgb, Tensor grad_depth, Tensor grad_opacity, Tensor? grad_weights, Tensor[] levels, "
+      "Tensor rays_o, Tensor rays_d, Tensor depths, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor? target, "
+      "Tensor out_rgb, Tensor out_depth, Tensor out_opacity, float scale, int plane_axes, float s1, float s2, "
+      "float c_min, float c_max, float density_bias, float eps, bool white_bg) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(g3dr_C, CPU, m) {
+  m.impl("render_fwd", &g3dr::render::render_fwd_cpu);
+  m.impl("render_bwd", &g3dr::render::render_bwd_cpu);
+}
