@@ -112,6 +112,16 @@ namespace {
 constexpr int64_t kFwdGrain = 8;
 constexpr int64_t kMinRaysPerChunk = 64;
 
+// The per-chunk loops are compiled twice on x86-64 (AVX2+FMA and baseline; the loader picks one), with
+// every call inside them inlined so the shared header math gets the wider vectors too.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define G3DR_CPU_KERNEL __attribute__((flatten, target_clones("arch=x86-64-v3", "default")))
+#elif defined(__GNUC__) || defined(__clang__)
+#define G3DR_CPU_KERNEL __attribute__((flatten))
+#else
+#define G3DR_CPU_KERNEL
+#endif
+
 // [B,3,C,H,W] levels -> channels-last [B,3,H,W,C] copies (a corner's C channels are contiguous).
 std::vector<at::Tensor> channels_last(at::TensorList levels) {
   std::vector<at::Tensor> out;
@@ -156,7 +166,59 @@ Decoder decoder_in(const at::Tensor& w1, const at::Tensor& b1, const at::Tensor&
   return d;
 }
 
-// The point of sample s of a ray in plane units: u = (o + z d) * scale.
+// Everything a chunk of rays reads and writes, as raw pointers. Backward-only fields are null in
+// the forward.
+template <typename scalar_t>
+struct Ctx {
+  using acc_t = at::opmath_type<scalar_t>;
+  int64_t R, S, C, Hd, O, D;
+  PyramidView<const scalar_t> pv;
+  const scalar_t *ro, *rd, *dz, *target;
+  const acc_t *w1, *w1t, *b1, *w2, *b2;
+  acc_t scale;
+  int plane_axes;
+  composite::Params<acc_t> prm;
+  // forward outputs
+  scalar_t *out_rgb, *out_depth, *out_opacity, *out_w;
+  // backward inputs and accumulators
+  const scalar_t *g_rgb, *g_depth, *g_op, *g_w, *s_rgb, *s_depth, *s_op;
+  int64_t per_batch, P, nW;
+  int64_t level_off[kMaxLevels];
+  acc_t* gplanes;  // [B * per_batch, P], channels-last levels one after another
+  double* gdec;    // [B * per_batch, nW]
+};
+
+template <typename scalar_t>
+Ctx<scalar_t> make_ctx(const Dims& d, const std::vector<at::Tensor>& cl, const at::Tensor& rays_o,
+                       const at::Tensor& rays_d, const at::Tensor& depths, const std::optional<at::Tensor>& target,
+                       const Decoder& dec, double scale, int64_t plane_axes,
+                       const composite::Params<at::opmath_type<scalar_t>>& prm) {
+  using acc_t = at::opmath_type<scalar_t>;
+  Ctx<scalar_t> c{};
+  c.R = d.R;
+  c.S = d.S;
+  c.C = d.C;
+  c.Hd = d.Hd;
+  c.O = d.O;
+  c.D = d.O - 1;
+  c.pv = view_of<const scalar_t>(cl, d.C);
+  c.ro = rays_o.data_ptr<scalar_t>();
+  c.rd = rays_d.data_ptr<scalar_t>();
+  c.dz = depths.data_ptr<scalar_t>();
+  c.target = target.has_value() ? target->data_ptr<scalar_t>() : nullptr;
+  c.w1 = dec.w1.data_ptr<acc_t>();
+  c.w1t = dec.w1t.data_ptr<acc_t>();
+  c.b1 = dec.b1.data_ptr<acc_t>();
+  c.w2 = dec.w2.data_ptr<acc_t>();
+  c.b2 = dec.b2.data_ptr<acc_t>();
+  c.scale = static_cast<acc_t>(scale);
+  c.plane_axes = static_cast<int>(plane_axes);
+  c.prm = prm;
+  return c;
+}
+
+// The point of sample s of a ray in plane units: u = (o + z d) * scale, the point rounded to the
+// input dtype first as the reference's xyz tensor is.
 template <typename scalar_t, typename acc_t>
 inline void sample_point(const scalar_t* o, const scalar_t* dir, acc_t z, acc_t scale, acc_t* u) {
   for (int k = 0; k < 3; ++k) {
@@ -165,68 +227,52 @@ inline void sample_point(const scalar_t* o, const scalar_t* dir, acc_t z, acc_t 
   }
 }
 
+// Forward of rays [begin, end): stream the samples, composite as they come, write per-ray outputs.
 template <typename scalar_t>
-void render_fwd_kernel(const Dims& d, const std::vector<at::Tensor>& cl, const at::Tensor& rays_o,
-                       const at::Tensor& rays_d, const at::Tensor& depths, const Decoder& dec,
-                       const std::optional<at::Tensor>& /*target: forward values do not depend on it*/,
-                       double scale_, int64_t plane_axes, const composite::Params<at::opmath_type<scalar_t>>& prm,
-                       at::Tensor& out_rgb, at::Tensor& out_depth, at::Tensor& out_opacity, at::Tensor* weights) {
+void fwd_rays(const Ctx<scalar_t>& c, int64_t begin, int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t S = d.S, C = d.C, Hd = d.Hd, O = d.O, D = d.O - 1, R = d.R;
-  const PyramidView<const scalar_t> pv = view_of<const scalar_t>(cl, C);
-  const scalar_t* ro = rays_o.data_ptr<scalar_t>();
-  const scalar_t* rd = rays_d.data_ptr<scalar_t>();
-  const scalar_t* dz = depths.data_ptr<scalar_t>();
-  const acc_t *w1t = dec.w1t.data_ptr<acc_t>(), *b1 = dec.b1.data_ptr<acc_t>();
-  const acc_t *w2 = dec.w2.data_ptr<acc_t>(), *b2 = dec.b2.data_ptr<acc_t>();
-  scalar_t* o_rgb = out_rgb.data_ptr<scalar_t>();
-  scalar_t* o_depth = out_depth.data_ptr<scalar_t>();
-  scalar_t* o_opacity = out_opacity.data_ptr<scalar_t>();
-  scalar_t* o_w = weights != nullptr ? weights->data_ptr<scalar_t>() : nullptr;
-  const acc_t scale = static_cast<acc_t>(scale_);
-  const int pa = static_cast<int>(plane_axes);
-
-  at::parallel_for(0, d.B * R, kFwdGrain, [&](int64_t begin, int64_t end) {
-    // f [C], a [Hd], h [Hd], o [O], colour accumulator [D], previous sample's colour [D]
-    std::vector<acc_t> scratch(C + 2 * Hd + O + 2 * D);
-    acc_t* f = scratch.data();
-    acc_t* a = f + C;
-    acc_t* h = a + Hd;
-    acc_t* o = h + Hd;
-    acc_t* acc_rgb = o + O;
-    acc_t* prev_rgb = acc_rgb + D;
-    for (int64_t ray = begin; ray < end; ++ray) {
-      const int64_t b = ray / R;
-      const scalar_t* z = dz + ray * S;
-      acc_t T = acc_t(1), opacity = acc_t(0), wt = acc_t(0), prev_sigma = acc_t(0), prev_z = acc_t(0);
-      for (int64_t k = 0; k < D; ++k) acc_rgb[k] = acc_t(0);
-      for (int64_t s = 0; s < S; ++s) {
-        const acc_t zs = static_cast<acc_t>(z[s]);
-        acc_t u[3];
-        sample_point(ro + ray * 3, rd + ray * 3, zs, scale, u);
-        point_features(pv, b, u, pa, f);
-        mlp_forward(f, static_cast<int>(C), w1t, b1, static_cast<int>(Hd), w2, b2, static_cast<int>(O), a, h, o);
-        const acc_t sigma = o[0];
-        if (s > 0) {
-          const composite::Interval<acc_t> iv =
-              composite::interval<acc_t>(acc_t(0.5) * (prev_sigma + sigma), zs - prev_z, prm.density_bias);
-          const acc_t w = iv.alpha * T;
-          for (int64_t k = 0; k < D; ++k) acc_rgb[k] += w * (acc_t(0.5) * (prev_rgb[k] + rgb_activation(o[1 + k])));
-          opacity += w;
-          wt += w * (acc_t(0.5) * (prev_z + zs));
-          if (o_w != nullptr) o_w[ray * (S - 1) + s - 1] = static_cast<scalar_t>(w);
-          T *= iv.trans;
-        }
-        for (int64_t k = 0; k < D; ++k) prev_rgb[k] = rgb_activation(o[1 + k]);
-        prev_sigma = sigma;
-        prev_z = zs;
+  const int64_t S = c.S, C = c.C, Hd = c.Hd, O = c.O, D = c.D;
+  // f [C], a [Hd], h [Hd], o [O], colour accumulator [D], previous sample's colour [D]
+  std::vector<acc_t> scratch(C + 2 * Hd + O + 2 * D);
+  acc_t* f = scratch.data();
+  acc_t* a = f + C;
+  acc_t* h = a + Hd;
+  acc_t* o = h + Hd;
+  acc_t* acc_rgb = o + O;
+  acc_t* prev_rgb = acc_rgb + D;
+  for (int64_t ray = begin; ray < end; ++ray) {
+    const int64_t b = ray / c.R;
+    const scalar_t* z = c.dz + ray * S;
+    acc_t T = acc_t(1), opacity = acc_t(0), wt = acc_t(0), prev_sigma = acc_t(0), prev_z = acc_t(0);
+    for (int64_t k = 0; k < D; ++k) acc_rgb[k] = acc_t(0);
+    for (int64_t s = 0; s < S; ++s) {
+      const acc_t zs = static_cast<acc_t>(z[s]);
+      acc_t u[3];
+      sample_point(c.ro + ray * 3, c.rd + ray * 3, zs, c.scale, u);
+      point_features(c.pv, b, u, c.plane_axes, f);
+      mlp_forward<acc_t>(f, static_cast<int>(C), c.w1t, c.b1, static_cast<int>(Hd), c.w2, c.b2, static_cast<int>(O),
+                         a, h, nullptr, o);
+      const acc_t sigma = o[0];
+      for (int64_t k = 0; k < D; ++k) o[1 + k] = rgb_activation(o[1 + k]);  // o[1:] is now the colour
+      if (s > 0) {
+        const composite::Interval<acc_t> iv =
+            composite::interval<acc_t>(acc_t(0.5) * (prev_sigma + sigma), zs - prev_z, c.prm.density_bias);
+        const acc_t w = iv.alpha * T;
+        for (int64_t k = 0; k < D; ++k) acc_rgb[k] += w * (acc_t(0.5) * (prev_rgb[k] + o[1 + k]));
+        opacity += w;
+        wt += w * (acc_t(0.5) * (prev_z + zs));
+        if (c.out_w != nullptr) c.out_w[ray * (S - 1) + s - 1] = static_cast<scalar_t>(w);
+        T *= iv.trans;
       }
-      const acc_t bg = prm.white_bg ? acc_t(1) - opacity : acc_t(0);
-      for (int64_t k = 0; k < D; ++k) o_rgb[ray * D + k] = static_cast<scalar_t>(acc_rgb[k] + bg);
-      o_opacity[ray] = static_cast<scalar_t>(opacity);
-      o_depth[ray] = static_cast<scalar_t>(wt / (opacity + prm.eps));
+      for (int64_t k = 0; k < D; ++k) prev_rgb[k] = o[1 + k];
+      prev_sigma = sigma;
+      prev_z = zs;
     }
-  });
+    const acc_t bg = c.prm.white_bg ? acc_t(1) - opacity : acc_t(0);
+    for (int64_t k = 0; k < D; ++k) c.out_rgb[ray * D + k] = static_cast<scalar_t>(acc_rgb[k] + bg);
+    c.out_opacity[ray] = static_cast<scalar_t>(opacity);
+    c.out_depth[ray] = static_cast<scalar_t>(wt / (opacity + c.prm.eps));
+  }
 }
 
 struct PlainAdd {
@@ -239,169 +285,180 @@ struct PlainAdd {
 // Decoder state of one recomputed sample.
 template <typename acc_t>
 struct SampleState {
-  acc_t *f, *a, *h, *o;
+  acc_t *f, *a, *h, *dh, *o;  // features [C], scratch [Hd], softplus and softplus' [Hd], output [O]
   acc_t u[3];
   acc_t z, sigma, dc;  // depth, density, g_rgb . rgb
 };
 
-template <typename scalar_t>
-void render_bwd_kernel(const Dims& d, const std::vector<at::Tensor>& cl, const at::Tensor& rays_o,
-                       const at::Tensor& rays_d, const at::Tensor& depths, const Decoder& dec,
-                       const std::optional<at::Tensor>& target, const at::Tensor& grad_rgb,
-                       const at::Tensor& grad_depth, const at::Tensor& grad_opacity,
-                       const std::optional<at::Tensor>& grad_weights, const at::Tensor& out_rgb,
-                       const at::Tensor& out_depth, const at::Tensor& out_opacity, double scale_, int64_t plane_axes,
-                       const composite::Params<at::opmath_type<scalar_t>>& prm, int64_t per_batch,
-                       at::Tensor& gplanes /* [B, per_batch, P] acc */, at::Tensor& gdec /* [B*per_batch, nW] f64 */) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t S = d.S, C = d.C, Hd = d.Hd, O = d.O, D = d.O - 1, R = d.R;
-  const int iC = static_cast<int>(C), iHd = static_cast<int>(Hd), iO = static_cast<int>(O);
-  const PyramidView<const scalar_t> pv = view_of<const scalar_t>(cl, C);
-  const scalar_t* ro = rays_o.data_ptr<scalar_t>();
-  const scalar_t* rd = rays_d.data_ptr<scalar_t>();
-  const scalar_t* dz = depths.data_ptr<scalar_t>();
-  const scalar_t* tg = target.has_value() ? target->data_ptr<scalar_t>() : nullptr;
-  const scalar_t* g_rgb = grad_rgb.data_ptr<scalar_t>();
-  const scalar_t* g_depth = grad_depth.data_ptr<scalar_t>();
-  const scalar_t* g_op = grad_opacity.data_ptr<scalar_t>();
-  const scalar_t* g_w = grad_weights.has_value() ? grad_weights->data_ptr<scalar_t>() : nullptr;
-  const scalar_t* s_rgb = out_rgb.data_ptr<scalar_t>();
-  const scalar_t* s_depth = out_depth.data_ptr<scalar_t>();
-  const scalar_t* s_op = out_opacity.data_ptr<scalar_t>();
-  const acc_t *w1 = dec.w1.data_ptr<acc_t>(), *w1t = dec.w1t.data_ptr<acc_t>(), *b1 = dec.b1.data_ptr<acc_t>();
-  const acc_t *w2 = dec.w2.data_ptr<acc_t>(), *b2 = dec.b2.data_ptr<acc_t>();
-  const acc_t scale = static_cast<acc_t>(scale_);
-  const int pa = static_cast<int>(plane_axes);
-  const int64_t P = gplanes.size(2);
-  const int64_t nW = gdec.size(1);
-  std::vector<int64_t> level_off(cl.size());
-  for (size_t l = 0, off = 0; l < cl.size(); ++l) {
-    level_off[l] = static_cast<int64_t>(off);
-    off += cl[l].numel() / d.B;
-  }
-  acc_t* gp_base = gplanes.data_ptr<acc_t>();
-  double* gdec_base = gdec.data_ptr<double>();
-
-  at::parallel_for(0, d.B * per_batch, 1, [&](int64_t cbegin, int64_t cend) {
-    // Two sample states (f [C], a [Hd], h [Hd], o [O]), gh [Hd], gf [C], go [O], per-ray decoder grads [nW].
-    std::vector<acc_t> scratch(2 * (C + 2 * Hd + O) + Hd + C + O + nW);
-    SampleState<acc_t> st[2];
-    acc_t* q = scratch.data();
+// Per-thread buffers of the backward.
+template <typename acc_t>
+struct BwdScratch {
+  std::vector<acc_t> mem;
+  SampleState<acc_t> st[2];
+  acc_t *gh, *gf, *go;
+  acc_t* gdec;  // the current ray's decoder gradient: gw1 [Hd,C], gb1 [Hd], gw2 [O,Hd], gb2 [O]
+  BwdScratch(int64_t C, int64_t Hd, int64_t O, int64_t nW) : mem(2 * (C + 3 * Hd + O) + Hd + C + O + nW) {
+    acc_t* q = mem.data();
     for (auto& x : st) {
       x.f = q;
       x.a = x.f + C;
       x.h = x.a + Hd;
-      x.o = x.h + Hd;
+      x.dh = x.h + Hd;
+      x.o = x.dh + Hd;
       q = x.o + O;
     }
-    acc_t* gh = q;
-    acc_t* gf = gh + Hd;
-    acc_t* go = gf + C;
-    acc_t* gw1 = go + O;  // the per-ray decoder gradient: gw1 [Hd,C], gb1 [Hd], gw2 [O,Hd], gb2 [O]
-    acc_t* gb1 = gw1 + Hd * C;
-    acc_t* gw2 = gb1 + Hd;
-    acc_t* gb2 = gw2 + O * Hd;
-    for (int64_t chunk = cbegin; chunk < cend; ++chunk) {
-      const int64_t b = chunk / per_batch, part = chunk % per_batch;
-      const int64_t r0 = R * part / per_batch, r1 = R * (part + 1) / per_batch;
-      PyramidView<acc_t> gv{};
-      gv.levels = pv.levels;
-      gv.C = pv.C;
-      for (int l = 0; l < pv.levels; ++l) {
-        gv.data[l] = gp_base + chunk * P + level_off[l];
-        gv.H[l] = pv.H[l];
-        gv.W[l] = pv.W[l];
-        gv.batch_stride[l] = 0;  // the buffer holds batch element b only
-      }
-      double* gdec_chunk = gdec_base + chunk * nW;
+    gh = q;
+    gf = gh + Hd;
+    go = gf + C;
+    gdec = go + O;
+  }
+};
 
-      for (int64_t ray = b * R + r0; ray < b * R + r1; ++ray) {
-        const scalar_t* z = dz + ray * S;
-        const scalar_t* gr = g_rgb + ray * D;
-        RayGrad<acc_t> rg = ray_grad_setup<scalar_t, acc_t>(gr, static_cast<acc_t>(g_depth[ray]),
-                                                            static_cast<acc_t>(g_op[ray]), s_rgb + ray * D,
-                                                            static_cast<acc_t>(s_depth[ray]),
-                                                            static_cast<acc_t>(s_op[ray]), D, prm);
-        const scalar_t* gwr = nullptr;
-        if (g_w != nullptr) {
-          const scalar_t* row = g_w + ray * (S - 1);
-          if (std::any_of(row, row + S - 1, [](scalar_t v) { return v != scalar_t(0); })) gwr = row;
-        }
-        auto recompute = [&](SampleState<acc_t>& x, int64_t s, int outputs) {
-          x.z = static_cast<acc_t>(z[s]);
-          sample_point(ro + ray * 3, rd + ray * 3, x.z, scale, x.u);
-          point_features(pv, 0 + b, x.u, pa, x.f);
-          mlp_forward(x.f, iC, w1t, b1, iHd, w2, b2, outputs, x.a, x.h, x.o);
-          x.sigma = x.o[0];
-        };
-        if (gwr != nullptr) {  // sum_i w_i g_weights_i joins the total: one density-only scan
-          acc_t T = acc_t(1);
-          for (int64_t s = 0; s < S; ++s) {
-            SampleState<acc_t>& cur = st[s & 1];
-            const SampleState<acc_t>& prev = st[(s & 1) ^ 1];
-            recompute(cur, s, 1);
-            if (s > 0) {
-              const composite::Interval<acc_t> iv = composite::interval<acc_t>(
-                  acc_t(0.5) * (prev.sigma + cur.sigma), cur.z - prev.z, prm.density_bias);
-              rg.total += iv.alpha * T * static_cast<acc_t>(gwr[s - 1]);
-              T *= iv.trans;
-            }
+// Recompute sample s of a ray: point, features, decoder (outputs = 1: density only, no softplus').
+template <typename scalar_t>
+inline void recompute(const Ctx<scalar_t>& c, int64_t ray, int64_t b, int64_t s,
+                      SampleState<at::opmath_type<scalar_t>>& x, int outputs) {
+  using acc_t = at::opmath_type<scalar_t>;
+  x.z = static_cast<acc_t>(c.dz[ray * c.S + s]);
+  sample_point(c.ro + ray * 3, c.rd + ray * 3, x.z, c.scale, x.u);
+  point_features(c.pv, b, x.u, c.plane_axes, x.f);
+  mlp_forward<acc_t>(x.f, static_cast<int>(c.C), c.w1t, c.b1, static_cast<int>(c.Hd), c.w2, c.b2, outputs, x.a, x.h,
+                     outputs == 1 ? nullptr : x.dh, x.o);
+  x.sigma = x.o[0];
+}
+
+// Backprop one sample with dL/dsigma = gsig and dL/drgb = kw * g_rgb through the decoder (into the
+// per-ray decoder gradient) and the bilinear taps (into the chunk's plane gradient). Returns whether
+// anything was added.
+template <typename scalar_t>
+inline bool backprop_sample(const Ctx<scalar_t>& c, const SampleState<at::opmath_type<scalar_t>>& x,
+                            const scalar_t* g_rgb, at::opmath_type<scalar_t> gsig, at::opmath_type<scalar_t> kw,
+                            BwdScratch<at::opmath_type<scalar_t>>& w, const PyramidView<at::opmath_type<scalar_t>>& gv) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t Hd = c.Hd, C = c.C, O = c.O;
+  w.go[0] = gsig;
+  bool any = gsig != acc_t(0);
+  for (int64_t k = 0; k < c.D; ++k) {
+    w.go[1 + k] = kw * static_cast<acc_t>(g_rgb[k]) * rgb_activation_grad(x.o[1 + k]);
+    any = any || w.go[1 + k] != acc_t(0);
+  }
+  if (!any) return false;  // e.g. rays that miss the box: nothing to add
+  acc_t* gw1 = w.gdec;
+  acc_t* gb1 = gw1 + Hd * C;
+  acc_t* gw2 = gb1 + Hd;
+  acc_t* gb2 = gw2 + O * Hd;
+  mlp_backward<acc_t>(x.f, static_cast<int>(C), c.w1, static_cast<int>(Hd), c.w2, static_cast<int>(O), x.dh, x.h,
+                      w.go, w.gh, w.gf, gw1, gb1, gw2, gb2);
+  scatter_point_grad(gv, 0, x.u, c.plane_axes, w.gf, PlainAdd{});
+  return true;
+}
+
+// Backward of chunks [cbegin, cend): chunk k covers part k % per_batch of batch element k / per_batch.
+template <typename scalar_t>
+void bwd_chunks(const Ctx<scalar_t>& c, int64_t cbegin, int64_t cend) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t S = c.S, D = c.D, R = c.R, nW = c.nW;
+  BwdScratch<acc_t> w(c.C, c.Hd, c.O, nW);
+  for (int64_t chunk = cbegin; chunk < cend; ++chunk) {
+    const int64_t b = chunk / c.per_batch, part = chunk % c.per_batch;
+    const int64_t r0 = R * part / c.per_batch, r1 = R * (part + 1) / c.per_batch;
+    PyramidView<acc_t> gv{};
+    gv.levels = c.pv.levels;
+    gv.C = c.pv.C;
+    for (int l = 0; l < c.pv.levels; ++l) {
+      gv.data[l] = c.gplanes + chunk * c.P + c.level_off[l];
+      gv.H[l] = c.pv.H[l];
+      gv.W[l] = c.pv.W[l];
+      gv.batch_stride[l] = 0;  // the buffer holds batch element b only
+    }
+    double* gdec_chunk = c.gdec + chunk * nW;
+
+    for (int64_t ray = b * R + r0; ray < b * R + r1; ++ray) {
+      const scalar_t* gr = c.g_rgb + ray * D;
+      RayGrad<acc_t> rg = ray_grad_setup<scalar_t, acc_t>(gr, static_cast<acc_t>(c.g_depth[ray]),
+                                                          static_cast<acc_t>(c.g_op[ray]), c.s_rgb + ray * D,
+                                                          static_cast<acc_t>(c.s_depth[ray]),
+                                                          static_cast<acc_t>(c.s_op[ray]), D, c.prm);
+      const scalar_t* gwr = nullptr;
+      if (c.g_w != nullptr) {
+        const scalar_t* row = c.g_w + ray * (S - 1);
+        for (int64_t i = 0; i + 1 < S; ++i) {
+          if (row[i] != scalar_t(0)) {
+            gwr = row;
+            break;
           }
         }
-        const acc_t tgt = tg != nullptr ? static_cast<acc_t>(tg[ray]) : acc_t(0);
-        bool touched = false;
-        // Backprop sample x with dL/dsigma = gsig and dL/drgb = kw * g_rgb through the decoder and the
-        // bilinear taps.
-        auto backprop = [&](const SampleState<acc_t>& x, acc_t gsig, acc_t kw) {
-          go[0] = gsig;
-          bool any = gsig != acc_t(0);
-          for (int64_t k = 0; k < D; ++k) {
-            go[1 + k] = kw * static_cast<acc_t>(gr[k]) * rgb_activation_grad(x.o[1 + k]);
-            any = any || go[1 + k] != acc_t(0);
-          }
-          if (!any) return;  // e.g. rays that miss the box: nothing to add
-          touched = true;
-          mlp_backward(x.f, iC, w1, iHd, w2, iO, x.a, x.h, go, gh, gf, gw1, gb1, gw2, gb2);
-          scatter_point_grad(gv, 0, x.u, pa, gf, PlainAdd{});
-        };
-        acc_t T = acc_t(1), prefix = acc_t(0), prev_gsm = acc_t(0), prev_kw = acc_t(0);
+      }
+      if (gwr != nullptr) {  // sum_i w_i g_weights_i joins the total: one density-only scan
+        acc_t T = acc_t(1);
         for (int64_t s = 0; s < S; ++s) {
-          SampleState<acc_t>& cur = st[s & 1];
-          const SampleState<acc_t>& prev = st[(s & 1) ^ 1];
-          recompute(cur, s, iO);
-          cur.dc = acc_t(0);
-          for (int64_t k = 0; k < D; ++k) cur.dc += static_cast<acc_t>(gr[k]) * rgb_activation(cur.o[1 + k]);
-          if (s == 0) continue;
-          const acc_t delta = cur.z - prev.z, t_mid = acc_t(0.5) * (prev.z + cur.z);
-          const composite::Interval<acc_t> iv =
-              composite::interval<acc_t>(acc_t(0.5) * (prev.sigma + cur.sigma), delta, prm.density_bias);
-          const acc_t w = iv.alpha * T;
-          acc_t G = acc_t(0.5) * (prev.dc + cur.dc) + rg.gd * t_mid + rg.base;
-          if (gwr != nullptr) G += static_cast<acc_t>(gwr[s - 1]);
-          prefix += w * G;
-          acc_t gsm = interval_density_grad<acc_t>(iv, T, G, rg.total - prefix, delta);
-          acc_t kw = w;
-          if (tg != nullptr) {
-            const acc_t k = composite::depth_kernel<acc_t>(tgt, t_mid, prm);
-            gsm *= k;
-            kw *= k;
+          SampleState<acc_t>& cur = w.st[s & 1];
+          const SampleState<acc_t>& prev = w.st[(s & 1) ^ 1];
+          recompute(c, ray, b, s, cur, 1);
+          if (s > 0) {
+            const composite::Interval<acc_t> iv = composite::interval<acc_t>(
+                acc_t(0.5) * (prev.sigma + cur.sigma), cur.z - prev.z, c.prm.density_bias);
+            rg.total += iv.alpha * T * static_cast<acc_t>(gwr[s - 1]);
+            T *= iv.trans;
           }
-          backprop(prev, acc_t(0.5) * (prev_gsm + gsm), acc_t(0.5) * (prev_kw + kw));
-          prev_gsm = gsm;
-          prev_kw = kw;
-          T *= iv.trans;
         }
-        backprop(st[(S - 1) & 1], acc_t(0.5) * prev_gsm, acc_t(0.5) * prev_kw);
-        if (touched) {  // per-ray sums (S terms in acc_t) flushed into the chunk's float64 sums
-          for (int64_t i = 0; i < nW; ++i) {
-            gdec_chunk[i] += static_cast<double>(gw1[i]);
-            gw1[i] = acc_t(0);
-          }
+      }
+      const acc_t tgt = c.target != nullptr ? static_cast<acc_t>(c.target[ray]) : acc_t(0);
+      bool touched = false;
+      acc_t T = acc_t(1), prefix = acc_t(0), prev_gsm = acc_t(0), prev_kw = acc_t(0);
+      for (int64_t s = 0; s < S; ++s) {
+        SampleState<acc_t>& cur = w.st[s & 1];
+        const SampleState<acc_t>& prev = w.st[(s & 1) ^ 1];
+        recompute(c, ray, b, s, cur, static_cast<int>(c.O));
+        cur.dc = acc_t(0);
+        for (int64_t k = 0; k < D; ++k) cur.dc += static_cast<acc_t>(gr[k]) * rgb_activation(cur.o[1 + k]);
+        if (s == 0) continue;
+        const acc_t delta = cur.z - prev.z, t_mid = acc_t(0.5) * (prev.z + cur.z);
+        const composite::Interval<acc_t> iv =
+            composite::interval<acc_t>(acc_t(0.5) * (prev.sigma + cur.sigma), delta, c.prm.density_bias);
+        const acc_t wi = iv.alpha * T;
+        acc_t G = acc_t(0.5) * (prev.dc + cur.dc) + rg.gd * t_mid + rg.base;
+        if (gwr != nullptr) G += static_cast<acc_t>(gwr[s - 1]);
+        prefix += wi * G;
+        acc_t gsm = interval_density_grad<acc_t>(iv, T, G, rg.total - prefix, delta);
+        acc_t kw = wi;
+        if (c.target != nullptr) {
+          const acc_t k = composite::depth_kernel<acc_t>(tgt, t_mid, c.prm);
+          gsm *= k;
+          kw *= k;
+        }
+        // sample s-1 now has both of its intervals: 0.5 (g_mid_{s-2} + g_mid_{s-1})
+        touched |= backprop_sample(c, prev, gr, acc_t(0.5) * (prev_gsm + gsm), acc_t(0.5) * (prev_kw + kw), w, gv);
+        prev_gsm = gsm;
+        prev_kw = kw;
+        T *= iv.trans;
+      }
+      touched |= backprop_sample(c, w.st[(S - 1) & 1], gr, acc_t(0.5) * prev_gsm, acc_t(0.5) * prev_kw, w, gv);
+      if (touched) {  // per-ray sums (S terms in acc_t) flushed into the chunk's float64 sums
+        for (int64_t i = 0; i < nW; ++i) {
+          gdec_chunk[i] += static_cast<double>(w.gdec[i]);
+          w.gdec[i] = acc_t(0);
         }
       }
     }
-  });
+  }
 }
+
+G3DR_CPU_KERNEL void fwd_rays_f32(const Ctx<float>& c, int64_t begin, int64_t end) { fwd_rays<float>(c, begin, end); }
+G3DR_CPU_KERNEL void fwd_rays_f64(const Ctx<double>& c, int64_t begin, int64_t end) {
+  fwd_rays<double>(c, begin, end);
+}
+G3DR_CPU_KERNEL void bwd_chunks_f32(const Ctx<float>& c, int64_t begin, int64_t end) {
+  bwd_chunks<float>(c, begin, end);
+}
+G3DR_CPU_KERNEL void bwd_chunks_f64(const Ctx<double>& c, int64_t begin, int64_t end) {
+  bwd_chunks<double>(c, begin, end);
+}
+
+inline void fwd_rays_any(const Ctx<float>& c, int64_t b, int64_t e) { fwd_rays_f32(c, b, e); }
+inline void fwd_rays_any(const Ctx<double>& c, int64_t b, int64_t e) { fwd_rays_f64(c, b, e); }
+inline void bwd_chunks_any(const Ctx<float>& c, int64_t b, int64_t e) { bwd_chunks_f32(c, b, e); }
+inline void bwd_chunks_any(const Ctx<double>& c, int64_t b, int64_t e) { bwd_chunks_f64(c, b, e); }
 
 }  // namespace
 
@@ -423,9 +480,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> render_fwd_cpu(
   AT_DISPATCH_FLOATING_TYPES(depths.scalar_type(), "render_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const Decoder dec = decoder_in(w1, b1, w2, b2, c10::CppTypeToScalarType<acc_t>::value);
-    render_fwd_kernel<scalar_t>(d, cl, ro, rd, dz, dec, target, scale, plane_axes,
-                                params<acc_t>(s1, s2, c_min, c_max, density_bias, eps, white_bg), out_rgb, out_depth,
-                                out_opacity, need_weights ? &weights : nullptr);
+    Ctx<scalar_t> c = make_ctx<scalar_t>(d, cl, ro, rd, dz, std::nullopt, dec, scale, plane_axes,
+                                         params<acc_t>(s1, s2, c_min, c_max, density_bias, eps, white_bg));
+    c.out_rgb = out_rgb.data_ptr<scalar_t>();
+    c.out_depth = out_depth.data_ptr<scalar_t>();
+    c.out_opacity = out_opacity.data_ptr<scalar_t>();
+    c.out_w = need_weights ? weights.data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, d.B * d.R, kFwdGrain, [&](int64_t begin, int64_t end) { fwd_rays_any(c, begin, end); });
   });
   return {out_rgb, out_depth, out_opacity, weights};
 }
@@ -459,14 +520,31 @@ std::vector<at::Tensor> render_bwd_cpu(const at::Tensor& grad_rgb, const at::Ten
     std::optional<at::Tensor> tg, gw;
     if (target.has_value()) tg = target->contiguous();
     if (grad_weights.has_value()) gw = grad_weights->contiguous();
+    const at::Tensor g_rgb = grad_rgb.contiguous(), g_depth = grad_depth.contiguous(),
+                     g_op = grad_opacity.contiguous(), s_rgb = out_rgb.contiguous(), s_depth = out_depth.contiguous(),
+                     s_op = out_opacity.contiguous();
     AT_DISPATCH_FLOATING_TYPES(depths.scalar_type(), "render_bwd_cpu", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       const Decoder dec = decoder_in(w1, b1, w2, b2, c10::CppTypeToScalarType<acc_t>::value);
-      render_bwd_kernel<scalar_t>(d, cl, ro, rd, dz, dec, tg, grad_rgb.contiguous(), grad_depth.contiguous(),
-                                  grad_opacity.contiguous(), gw, out_rgb.contiguous(), out_depth.contiguous(),
-                                  out_opacity.contiguous(), scale, plane_axes,
-                                  params<acc_t>(s1, s2, c_min, c_max, density_bias, eps, white_bg), per_batch, gplanes,
-                                  gdec);
+      Ctx<scalar_t> c = make_ctx<scalar_t>(d, cl, ro, rd, dz, tg, dec, scale, plane_axes,
+                                           params<acc_t>(s1, s2, c_min, c_max, density_bias, eps, white_bg));
+      c.g_rgb = g_rgb.data_ptr<scalar_t>();
+      c.g_depth = g_depth.data_ptr<scalar_t>();
+      c.g_op = g_op.data_ptr<scalar_t>();
+      c.g_w = gw.has_value() ? gw->data_ptr<scalar_t>() : nullptr;
+      c.s_rgb = s_rgb.data_ptr<scalar_t>();
+      c.s_depth = s_depth.data_ptr<scalar_t>();
+      c.s_op = s_op.data_ptr<scalar_t>();
+      c.per_batch = per_batch;
+      c.P = P;
+      c.nW = nW;
+      for (size_t l = 0, off = 0; l < cl.size(); ++l) {
+        c.level_off[l] = static_cast<int64_t>(off);
+        off += cl[l].numel() / d.B;
+      }
+      c.gplanes = gplanes.data_ptr<acc_t>();
+      c.gdec = gdec.data_ptr<double>();
+      at::parallel_for(0, d.B * per_batch, 1, [&](int64_t begin, int64_t end) { bwd_chunks_any(c, begin, end); });
     });
   }
   const at::Tensor gsum = per_batch == 1 ? gplanes.select(1, 0) : gplanes.sum(1);  // [B, P], fixed order

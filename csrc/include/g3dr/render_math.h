@@ -15,6 +15,9 @@
 // scan keeps the decoder state of two samples only.
 #pragma once
 
+#include <cstdint>
+#include <type_traits>
+
 #include "g3dr/common.h"
 #include "g3dr/composite_math.h"
 #include "g3dr/sample_math.h"
@@ -90,51 +93,151 @@ G3DR_HD void scatter_point_grad(const PyramidView<acc_t>& gv, int64_t b, const a
   }
 }
 
+// softplus and sigmoid in the argument's own precision (std::exp/log1p overloads on the host, so
+// float stays float; the CUDA overloads on the device). softplus has torch's threshold 20.
+template <typename T>
+G3DR_HD T softplus_t(T x) {
+  return x > T(composite::kSoftplusThreshold) ? x : composite::log1p_(composite::exp_(x));
+}
+
+template <typename T>
+G3DR_HD T sigmoid_t(T x) {
+  return T(1) / (T(1) + composite::exp_(-x));
+}
+
+// d softplus(x) / dx as torch computes it (threshold 20: slope exactly 1 above it).
+template <typename T>
+G3DR_HD T softplus_grad(T x) {
+  return x > T(composite::kSoftplusThreshold) ? T(1) : sigmoid_t(x);
+}
+
+#ifndef __CUDA_ARCH__
+namespace detail {
+G3DR_HD int32_t bits_of(float x) {
+  int32_t i;
+  __builtin_memcpy(&i, &x, 4);
+  return i;
+}
+G3DR_HD float float_of(int32_t i) {
+  float x;
+  __builtin_memcpy(&x, &i, 4);
+  return x;
+}
+}  // namespace detail
+
+// Host float softplus over a vector, written so the compiler vectorises it (libm's log1pf is a
+// scalar call and was most of the CPU kernel's time; the selects are integer bit operations because
+// float compares do not vectorise under the default -ftrapping-math):
+//   softplus(x) = max(x, 0) + log1p(y), y = exp(-|x|) in (0, 1]
+//   exp: n = round(t log2 e), r = t - n ln 2 (Cody-Waite), degree-7 Taylor polynomial (error < 1e-8
+//        relative on |r| <= ln2/2), times 2^n built in the exponent bits; t clamped at -87 (no denormals)
+//   log1p(y) = 2 atanh(s), s = y / (2 + y) in (0, 1/3]: odd series to s^15 (next term < 2e-9 relative)
+// Above x = 20 this gives x exactly in float (log1p(y) < ulp(20)/2), as torch's threshold does.
+// softplus'(x) = sigmoid(x) = 1 / (1 + y) for x >= 0, y / (1 + y) below. NaN is not preserved.
+template <bool kGrad>
+inline void softplus_f32(const float* __restrict__ a, float* __restrict__ h, float* __restrict__ dh, int n) {
+  const int32_t kClamp = detail::bits_of(87.f), kOne = detail::bits_of(1.f);
+  for (int j = 0; j < n; ++j) {
+    const int32_t xb = detail::bits_of(a[j]);
+    const int32_t neg = xb >> 31;                   // all ones when x < 0 (or -0)
+    const int32_t ab = xb & 0x7fffffff;             // |x|; for non-negative floats bit order is value order
+    const int32_t small = (ab - kClamp) >> 31;      // all ones when |x| < 87
+    const float t = -detail::float_of((ab & small) | (kClamp & ~small));
+    const float magic = 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer in the low bits
+    const float kn = t * 1.44269504088896341f + magic;
+    const float nf = kn - magic;
+    const float r = (t - nf * 0.693145751953125f) - nf * 1.42860682030941723e-06f;
+    float p = 1.f / 5040.f;
+    p = p * r + 1.f / 720.f;
+    p = p * r + 1.f / 120.f;
+    p = p * r + 1.f / 24.f;
+    p = p * r + 1.f / 6.f;
+    p = p * r + 0.5f;
+    p = p * r + 1.f;
+    p = p * r + 1.f;
+    const float y = p * detail::float_of((detail::bits_of(kn) - 0x4B400000 + 127) << 23);  // p 2^n, n >= -126
+    const float s = y / (2.f + y);
+    const float z = s * s;
+    float q = 1.f / 15.f;
+    q = q * z + 1.f / 13.f;
+    q = q * z + 1.f / 11.f;
+    q = q * z + 1.f / 9.f;
+    q = q * z + 1.f / 7.f;
+    q = q * z + 1.f / 5.f;
+    q = q * z + 1.f / 3.f;
+    q = q * z + 1.f;
+    h[j] = detail::float_of(xb & ~neg) + 2.f * s * q;
+    if (kGrad) dh[j] = detail::float_of((kOne & ~neg) | (detail::bits_of(y) & neg)) / (1.f + y);
+  }
+}
+#endif
+
+// h = softplus(a) [n], and dh = softplus'(a) when dh is not null.
+template <typename T>
+G3DR_HD void softplus_vec(const T* __restrict__ a, T* __restrict__ h, T* __restrict__ dh, int n) {
+#ifndef __CUDA_ARCH__
+  if constexpr (std::is_same<T, float>::value) {
+    if (dh != nullptr) {
+      softplus_f32<true>(a, h, dh, n);
+    } else {
+      softplus_f32<false>(a, h, nullptr, n);
+    }
+    return;
+  }
+#endif
+  for (int j = 0; j < n; ++j) h[j] = softplus_t(a[j]);
+  if (dh != nullptr) {
+    for (int j = 0; j < n; ++j) dh[j] = softplus_grad(a[j]);
+  }
+}
+
 // Decoder forward for one sample. w1t is W1 transposed ([C, Hd], so the loop over hidden units is
-// contiguous), w2 [O, Hd] (O = 1 + D). Writes the pre-activation a [Hd], h = softplus(a) [Hd] and
-// o [O]; callers that need only the density pass O = 1.
+// contiguous), w2 [O, Hd] (O = 1 + D). Writes h = softplus(W1 f + b1) [Hd] and o [O], using `a`
+// [Hd] as scratch; with dh not null also dh = softplus'(W1 f + b1) [Hd] for the backward. Callers
+// that need only the density pass O = 1.
 template <typename T>
 G3DR_HD void mlp_forward(const T* __restrict__ f, int C, const T* __restrict__ w1t, const T* __restrict__ b1,
                          int Hd, const T* __restrict__ w2, const T* __restrict__ b2, int O, T* __restrict__ a,
-                         T* __restrict__ h, T* __restrict__ o) {
+                         T* __restrict__ h, T* __restrict__ dh, T* __restrict__ o) {
   for (int j = 0; j < Hd; ++j) a[j] = b1[j];
   for (int c = 0; c < C; ++c) {
     const T fc = f[c];
     const T* __restrict__ row = w1t + static_cast<int64_t>(c) * Hd;
     for (int j = 0; j < Hd; ++j) a[j] += fc * row[j];
   }
-  for (int j = 0; j < Hd; ++j) h[j] = softplus(a[j]);
+  softplus_vec(a, h, dh, Hd);
   for (int k = 0; k < O; ++k) {
     const T* __restrict__ row = w2 + static_cast<int64_t>(k) * Hd;
+    // Eight partial sums so the dot product vectorises without reassociation flags.
+    T part[8] = {T(0), T(0), T(0), T(0), T(0), T(0), T(0), T(0)};
+    int j = 0;
+    for (; j + 8 <= Hd; j += 8) {
+      for (int l = 0; l < 8; ++l) part[l] += row[j + l] * h[j + l];
+    }
     T acc = b2[k];
-    for (int j = 0; j < Hd; ++j) acc += row[j] * h[j];
-    o[k] = acc;
+    for (; j < Hd; ++j) acc += row[j] * h[j];
+    o[k] = acc + (((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7])));
   }
 }
 
 template <typename T>
 G3DR_HD T rgb_activation(T o) {
-  return sigmoid(o) * T(1 + 2 * kRgbPad) - T(kRgbPad);
+  return sigmoid_t(o) * T(1 + 2 * kRgbPad) - T(kRgbPad);
 }
 
 // d rgb / d o of rgb_activation.
 template <typename T>
 G3DR_HD T rgb_activation_grad(T o) {
-  const T s = sigmoid(o);
+  const T s = sigmoid_t(o);
   return T(1 + 2 * kRgbPad) * s * (T(1) - s);
 }
 
-// d softplus(x) / dx as torch computes it (threshold 20: slope exactly 1 above it).
-template <typename T>
-G3DR_HD T softplus_grad(T x) {
-  return x > T(20) ? T(1) : sigmoid(x);
-}
-
-// Decoder backward for one sample, given go = dL/do [O]. Accumulates into gw1 [Hd, C], gb1 [Hd],
+// Decoder backward for one sample, given go = dL/do [O] and dh = softplus'(W1 f + b1) [Hd] from
+// mlp_forward. Accumulates into gw1 [Hd, C], gb1 [Hd],
 // gw2 [O, Hd], gb2 [O] (nn.Linear layout) and writes gf = dL/df [C]. gh is scratch [Hd].
 template <typename T>
 G3DR_HD void mlp_backward(const T* __restrict__ f, int C, const T* __restrict__ w1, int Hd, const T* __restrict__ w2,
-                          int O, const T* __restrict__ a, const T* __restrict__ h, const T* __restrict__ go,
+                          int O, const T* __restrict__ dh, const T* __restrict__ h, const T* __restrict__ go,
                           T* __restrict__ gh, T* __restrict__ gf, T* __restrict__ gw1, T* __restrict__ gb1,
                           T* __restrict__ gw2, T* __restrict__ gb2) {
   for (int j = 0; j < Hd; ++j) gh[j] = T(0);
@@ -149,7 +252,7 @@ G3DR_HD void mlp_backward(const T* __restrict__ f, int C, const T* __restrict__ 
     }
   }
   for (int j = 0; j < Hd; ++j) {
-    gh[j] *= softplus_grad(a[j]);
+    gh[j] *= dh[j];
     gb1[j] += gh[j];
   }
   for (int c = 0; c < C; ++c) gf[c] = T(0);
