@@ -40,8 +40,8 @@ def sample_triplanes(planes: Planes, xyz: torch.Tensor, *, levels: int = 3, box_
     xyz: [B,N,3] world points; u = xyz * 2/box_warp lands in [-1,1] inside the box.
     plane_axes: "eg3d" planes read (x,y), (x,z), (z,x) of u; "xyz" read (x,y), (x,z), (y,z).
     Returns [B,N,C]: the mean over the 3 planes of the sum over levels of bilinear samples
-    (align_corners=False, zeros outside). Differentiable w.r.t. planes (every level); w.r.t. xyz on
-    the "torch", "cpu" and "triton" backends ("cuda" raises if xyz requires grad).
+    (align_corners=False, zeros outside). Differentiable w.r.t. planes (every level) and xyz on every
+    backend. NaN/inf in xyz give zero features and zero gradients on "cpu" and "cuda".
     """
     check_backend(backend)
     code = plane_axes_code(plane_axes)

@@ -18,7 +18,7 @@ from torch import Tensor
 from .._backend import kernels
 
 # Backends whose sample_bwd computes the gradient with respect to xyz.
-XYZ_GRAD_BACKENDS = {"torch", "cpu", "triton"}
+XYZ_GRAD_BACKENDS = {"torch", "cpu", "triton", "cuda"}
 
 
 @torch.library.custom_op("g3dr::sample_fwd", mutates_args=())

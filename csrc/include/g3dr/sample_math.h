@@ -17,6 +17,12 @@
 
 #include "g3dr/common.h"
 
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define G3DR_UNROLL _Pragma("unroll")
+#else
+#define G3DR_UNROLL _Pragma("GCC unroll 4")
+#endif
+
 namespace g3dr {
 
 template <typename T>
@@ -54,7 +60,7 @@ G3DR_HD bool bilinear_tap(acc_t a, acc_t b, int64_t H, int64_t W, BilinearTap<ac
   const acc_t iy = ((b + acc_t(1)) * acc_t(H) - acc_t(1)) / acc_t(2);
   // A corner can be inside only when -1 <= ix < W (and likewise iy); written so NaN fails it.
   if (!(ix >= acc_t(-1) && ix < acc_t(W) && iy >= acc_t(-1) && iy < acc_t(H))) {
-#pragma unroll
+G3DR_UNROLL
     for (int k = 0; k < 4; ++k) {
       t.idx[k] = -1;
       t.w[k] = acc_t(0);
@@ -73,7 +79,7 @@ G3DR_HD bool bilinear_tap(acc_t a, acc_t b, int64_t H, int64_t W, BilinearTap<ac
   const int64_t idx[4] = {y0 * W + x0, y0 * W + x1, y1 * W + x0, y1 * W + x1};
   const acc_t w[4] = {(acc_t(1) - tx) * (acc_t(1) - ty), tx * (acc_t(1) - ty), (acc_t(1) - tx) * ty, tx * ty};
   bool any = false;
-#pragma unroll
+G3DR_UNROLL
   for (int k = 0; k < 4; ++k) {
     t.idx[k] = valid[k] ? idx[k] : -1;
     t.w[k] = valid[k] ? w[k] : acc_t(0);
@@ -107,7 +113,7 @@ G3DR_HD void accumulate_uv_grad(const BilinearTap<acc_t>& t, const acc_t s[4], i
   acc_t dwdx[4], dwdy[4];
   bilinear_weight_grads(t, dwdx, dwdy);
   acc_t gx = acc_t(0), gy = acc_t(0);
-#pragma unroll
+G3DR_UNROLL
   for (int k = 0; k < 4; ++k) {
     gx += s[k] * dwdx[k];
     gy += s[k] * dwdy[k];
