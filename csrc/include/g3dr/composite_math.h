@@ -1,0 +1,235 @@
+// Volume compositing (EG3D's MipRayMarcher) with G3DR's depth-kernel gradient scaling: the per-ray
+// forward and backward, shared by the C++ CPU kernel (csrc/cpu/composite.cpp) and the CUDA kernel
+// (csrc/cuda/composite.cu). Both only decide which rays a thread handles; everything here compiles as
+// host C++ and as CUDA.
+//
+// On the I = S-1 intervals of a ray (DESIGN.md, g3dr_kernels.reference.composite):
+//   sm_i = (sigma_i + sigma_{i+1})/2, c_i = (rgb_i + rgb_{i+1})/2, t_i = (depth_i + depth_{i+1})/2,
+//   delta_i = depth_{i+1} - depth_i, x_i = softplus(sm_i + density_bias) * delta_i,
+//   alpha_i = 1 - exp(-x_i), p_i = 1 - alpha_i + 1e-10, T_i = prod_{j<i} p_j, w_i = alpha_i T_i,
+//   rgb = sum w_i c_i (+ 1 - opacity if white_bg), opacity = sum w_i, depth = sum w_i t_i / (opacity + eps).
+// Backward, with G_i = dL/dw_i = g_rgb.c_i + g_depth (t_i - depth)/(opacity + eps) + g_opacity
+//   (- sum_d g_rgb_d if white_bg) + g_weights_i:
+//   dL/dalpha_i = T_i G_i - (sum_{j>i} w_j G_j) / p_i,
+//   dL/dsm_i = k_i * dL/dalpha_i * exp(-x_i) * delta_i * softplus'(sm_i + bias),  dL/dc_i = k_i * w_i * g_rgb,
+// k_i = min(c_max, max(s1 exp(-(target - t_i)^2 / s2), c_min)) with a target depth, else 1.
+// The suffix sum sum_{j>i} w_j G_j is total - prefix_i, where the total comes from the saved per-ray
+// outputs (no per-interval state is saved). Numerics: alpha_i = -expm1(-x_i) and p_i = exp(-x_i) + 1e-10
+// (exact forms of the reference's 1 - exp(-x) and 1 - alpha + 1e-10), and dL/dsm_i is formed with the
+// ratio exp(-x_i)/p_i <= 1, so a saturated interval (alpha -> 1, p_i = 1e-10) does not amplify the
+// rounding error of the suffix sum; delta = 0 gives alpha = 0 and a zero density gradient.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "g3dr/common.h"
+
+// Unroll the fixed-width channel loops (nvcc and gcc/clang spell it differently).
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define G3DR_UNROLL _Pragma("unroll")
+#elif defined(__clang__)
+#define G3DR_UNROLL _Pragma("clang loop unroll(full)")
+#elif defined(__GNUC__)
+#define G3DR_UNROLL _Pragma("GCC unroll 8")
+#else
+#define G3DR_UNROLL
+#endif
+
+namespace g3dr {
+namespace composite {
+
+// The 1e-10 of MipRayMarcher's shifted alphas (1 - alpha + 1e-10).
+constexpr double kTransmittanceEps = 1e-10;
+// torch.nn.functional.softplus's default threshold: softplus(z) = z above it (see common.h).
+constexpr double kSoftplusThreshold = 20.0;
+
+template <typename T>
+struct Params {
+  T s1, s2, c_min, c_max;  // DepthKernel
+  T density_bias, eps;
+  bool white_bg;
+};
+
+// Math on the accumulation type, via std:: on the host and the CUDA overloads on the device.
+template <typename T>
+G3DR_HD T exp_(T x) {
+  using std::exp;
+  return exp(x);
+}
+template <typename T>
+G3DR_HD T expm1_(T x) {
+  using std::expm1;
+  return expm1(x);
+}
+template <typename T>
+G3DR_HD T log1p_(T x) {
+  using std::log1p;
+  return log1p(x);
+}
+
+// k(x, t) = min(c_max, max(s1 exp(-(x - t)^2 / s2), c_min)), in DepthKernel.__call__'s order.
+template <typename T>
+G3DR_HD T depth_kernel(T target, T t, const Params<T>& prm) {
+  const T d = target - t;
+  T k = prm.s1 * exp_(-(d * d) / prm.s2);
+  k = k < prm.c_min ? prm.c_min : k;
+  return k > prm.c_max ? prm.c_max : k;
+}
+
+// One interval from the sample pair (i, i+1): its opacity and what the backward needs.
+template <typename T>
+struct Interval {
+  T alpha;  // 1 - exp(-x)
+  T trans;  // p = exp(-x) + 1e-10, the factor it contributes to the transmittance
+  T e;      // exp(-x) = d alpha / d x
+  T dsp;    // softplus'(sm + bias): sigmoid, or 1 above the threshold (as torch's softplus backward)
+};
+
+template <typename T>
+G3DR_HD Interval<T> interval(T sigma_mid, T delta, T density_bias) {
+  const T z = sigma_mid + density_bias;
+  Interval<T> iv;
+  T sp;
+  if (z > T(kSoftplusThreshold)) {
+    sp = z;
+    iv.dsp = T(1);
+  } else {
+    const T ez = exp_(z);
+    sp = log1p_(ez);
+    iv.dsp = ez / (ez + T(1));
+  }
+  const T x = sp * delta;
+  iv.e = exp_(-x);
+  iv.alpha = -expm1_(-x);
+  iv.trans = iv.e + T(kTransmittanceEps);
+  return iv;
+}
+
+// Forward for one ray and the channels [d0, d0 + CH) of D (guarded). The scalar outputs (depth,
+// opacity, weights) are written by the chunk with d0 == 0. Rows: sigma, depths [S], rgb [S, D],
+// out_rgb [D]; weights [S-1] or nullptr.
+template <int CH, typename scalar_t, typename acc_t>
+G3DR_HD void ray_forward(const scalar_t* __restrict__ sigma, const scalar_t* __restrict__ rgb,
+                         const scalar_t* __restrict__ depths, int64_t S, int64_t D, int64_t d0,
+                         const Params<acc_t>& prm, scalar_t* __restrict__ out_rgb, scalar_t* __restrict__ out_depth,
+                         scalar_t* __restrict__ out_opacity, scalar_t* __restrict__ weights) {
+  acc_t acc[CH];
+G3DR_UNROLL
+  for (int c = 0; c < CH; ++c) acc[c] = acc_t(0);
+  const int64_t nd = (D - d0) < CH ? (D - d0) : CH;
+  const bool scalars = d0 == 0;
+  acc_t T = acc_t(1), opacity = acc_t(0), wt = acc_t(0);
+  acc_t s_lo = static_cast<acc_t>(sigma[0]), t_lo = static_cast<acc_t>(depths[0]);
+  for (int64_t i = 0; i + 1 < S; ++i) {
+    const acc_t s_hi = static_cast<acc_t>(sigma[i + 1]), t_hi = static_cast<acc_t>(depths[i + 1]);
+    const Interval<acc_t> iv = interval<acc_t>(acc_t(0.5) * (s_lo + s_hi), t_hi - t_lo, prm.density_bias);
+    const acc_t w = iv.alpha * T;
+    const scalar_t* c0 = rgb + i * D + d0;
+G3DR_UNROLL
+    for (int c = 0; c < CH; ++c) {
+      if (c < nd) {
+        acc[c] += w * (acc_t(0.5) * (static_cast<acc_t>(c0[c]) + static_cast<acc_t>(c0[c + D])));
+      }
+    }
+    opacity += w;  // every chunk needs it for the white background
+    if (scalars) {
+      wt += w * (acc_t(0.5) * (t_lo + t_hi));
+      if (weights != nullptr) weights[i] = static_cast<scalar_t>(w);
+    }
+    T *= iv.trans;
+    s_lo = s_hi;
+    t_lo = t_hi;
+  }
+  if (scalars) {
+    *out_opacity = static_cast<scalar_t>(opacity);
+    *out_depth = static_cast<scalar_t>(wt / (opacity + prm.eps));
+  }
+  const acc_t bg = prm.white_bg ? acc_t(1) - opacity : acc_t(0);
+G3DR_UNROLL
+  for (int c = 0; c < CH; ++c) {
+    if (c < nd) out_rgb[d0 + c] = static_cast<scalar_t>(acc[c] + bg);
+  }
+}
+
+// Backward for one ray. Rows: g_rgb, out_rgb [D]; g_weights [S-1] or nullptr; target: pointer to the
+// ray's target depth or nullptr. Writes grad_sigma [S] and grad_rgb [S, D] (every entry).
+template <typename scalar_t, typename acc_t>
+G3DR_HD void ray_backward(const scalar_t* __restrict__ g_rgb, acc_t g_depth, acc_t g_opacity,
+                          const scalar_t* __restrict__ g_weights, const scalar_t* __restrict__ sigma,
+                          const scalar_t* __restrict__ rgb, const scalar_t* __restrict__ depths,
+                          const scalar_t* __restrict__ target, const scalar_t* __restrict__ out_rgb, acc_t depth,
+                          acc_t opacity, int64_t S, int64_t D, const Params<acc_t>& prm,
+                          scalar_t* __restrict__ grad_sigma, scalar_t* __restrict__ grad_rgb) {
+  // G_i = g_rgb.c_i + gd * t_i + base (+ g_weights_i)
+  const acc_t gd = g_depth / (opacity + prm.eps);
+  acc_t sum_g = acc_t(0), dot_out = acc_t(0);
+  for (int64_t d = 0; d < D; ++d) {
+    const acc_t g = static_cast<acc_t>(g_rgb[d]);
+    sum_g += g;
+    dot_out += g * static_cast<acc_t>(out_rgb[d]);
+  }
+  const acc_t base = g_opacity - (prm.white_bg ? sum_g : acc_t(0)) - gd * depth;
+  // total = sum_i w_i G_i from the saved outputs: sum w c = out_rgb (- (1 - opacity) with white_bg),
+  // sum w t = depth (opacity + eps), sum w = opacity.
+  const acc_t dot_core = dot_out - (prm.white_bg ? sum_g * (acc_t(1) - opacity) : acc_t(0));
+  acc_t total = dot_core + gd * depth * (opacity + prm.eps) + base * opacity;
+  if (g_weights != nullptr) {  // + sum_i w_i g_weights_i: one more scan (weights are not saved)
+    acc_t T = acc_t(1), s_lo = static_cast<acc_t>(sigma[0]), t_lo = static_cast<acc_t>(depths[0]);
+    for (int64_t i = 0; i + 1 < S; ++i) {
+      const acc_t s_hi = static_cast<acc_t>(sigma[i + 1]), t_hi = static_cast<acc_t>(depths[i + 1]);
+      const Interval<acc_t> iv = interval<acc_t>(acc_t(0.5) * (s_lo + s_hi), t_hi - t_lo, prm.density_bias);
+      total += iv.alpha * T * static_cast<acc_t>(g_weights[i]);
+      T *= iv.trans;
+      s_lo = s_hi;
+      t_lo = t_hi;
+    }
+  }
+  const acc_t tgt = target != nullptr ? static_cast<acc_t>(*target) : acc_t(0);
+
+  auto dot_sample = [&](int64_t s) {  // g_rgb . rgb_s
+    acc_t v = acc_t(0);
+    const scalar_t* c = rgb + s * D;
+    for (int64_t d = 0; d < D; ++d) v += static_cast<acc_t>(g_rgb[d]) * static_cast<acc_t>(c[d]);
+    return v;
+  };
+  auto write_rgb_grad = [&](int64_t s, acc_t scale) {  // grad_rgb_s = scale * g_rgb
+    scalar_t* o = grad_rgb + s * D;
+    for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(scale * static_cast<acc_t>(g_rgb[d]));
+  };
+
+  acc_t T = acc_t(1), prefix = acc_t(0), prev_gsm = acc_t(0), prev_kw = acc_t(0);
+  acc_t s_lo = static_cast<acc_t>(sigma[0]), t_lo = static_cast<acc_t>(depths[0]), dc_lo = dot_sample(0);
+  for (int64_t i = 0; i + 1 < S; ++i) {
+    const acc_t s_hi = static_cast<acc_t>(sigma[i + 1]), t_hi = static_cast<acc_t>(depths[i + 1]);
+    const acc_t dc_hi = dot_sample(i + 1);
+    const acc_t delta = t_hi - t_lo, t_mid = acc_t(0.5) * (t_lo + t_hi);
+    const Interval<acc_t> iv = interval<acc_t>(acc_t(0.5) * (s_lo + s_hi), delta, prm.density_bias);
+    const acc_t w = iv.alpha * T;
+    acc_t G = acc_t(0.5) * (dc_lo + dc_hi) + gd * t_mid + base;
+    if (g_weights != nullptr) G += static_cast<acc_t>(g_weights[i]);
+    prefix += w * G;
+    const acc_t suffix = total - prefix;  // sum_{j>i} w_j G_j
+    // dL/dsm = (T G - suffix / p) * e * delta * softplus', with e / p <= 1 formed first.
+    acc_t gsm = (T * G * iv.e - suffix * (iv.e / iv.trans)) * delta * iv.dsp;
+    acc_t kw = w;
+    if (target != nullptr) {
+      const acc_t k = depth_kernel<acc_t>(tgt, t_mid, prm);
+      gsm *= k;
+      kw *= k;
+    }
+    grad_sigma[i] = static_cast<scalar_t>(acc_t(0.5) * (prev_gsm + gsm));
+    write_rgb_grad(i, acc_t(0.5) * (prev_kw + kw));
+    prev_gsm = gsm;
+    prev_kw = kw;
+    T *= iv.trans;
+    s_lo = s_hi;
+    t_lo = t_hi;
+    dc_lo = dc_hi;
+  }
+  grad_sigma[S - 1] = static_cast<scalar_t>(acc_t(0.5) * prev_gsm);
+  write_rgb_grad(S - 1, acc_t(0.5) * prev_kw);
+}
+
+}  // namespace composite
+}  // namespace g3dr
