@@ -124,6 +124,7 @@ def _unavailable(op: str, backend: str, device: torch.device) -> str | None:
 _warned = set()
 
 
+@torch.compiler.assume_constant_result  # a plain string under torch.compile, no graph break
 def resolve(backend: str, op: str, device: torch.device) -> str:
     """Turn a requested backend into the one that runs. 'auto' (or G3DR_BACKEND when set):
     CUDA tensors -> triton, else cuda, else torch; CPU tensors -> cpu, else torch. A backend
