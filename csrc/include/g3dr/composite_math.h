@@ -25,6 +25,17 @@
 
 #include "g3dr/common.h"
 
+// Unroll the fixed-width channel loops (nvcc and gcc/clang spell it differently).
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define G3DR_UNROLL _Pragma("unroll")
+#elif defined(__clang__)
+#define G3DR_UNROLL _Pragma("clang loop unroll(full)")
+#elif defined(__GNUC__)
+#define G3DR_UNROLL _Pragma("GCC unroll 8")
+#else
+#define G3DR_UNROLL
+#endif
+
 namespace g3dr {
 namespace composite {
 
@@ -104,7 +115,7 @@ G3DR_HD void ray_forward(const scalar_t* __restrict__ sigma, const scalar_t* __r
                          const Params<acc_t>& prm, scalar_t* __restrict__ out_rgb, scalar_t* __restrict__ out_depth,
                          scalar_t* __restrict__ out_opacity, scalar_t* __restrict__ weights) {
   acc_t acc[CH];
-#pragma unroll
+G3DR_UNROLL
   for (int c = 0; c < CH; ++c) acc[c] = acc_t(0);
   const int64_t nd = (D - d0) < CH ? (D - d0) : CH;
   const bool scalars = d0 == 0;
@@ -115,7 +126,7 @@ G3DR_HD void ray_forward(const scalar_t* __restrict__ sigma, const scalar_t* __r
     const Interval<acc_t> iv = interval<acc_t>(acc_t(0.5) * (s_lo + s_hi), t_hi - t_lo, prm.density_bias);
     const acc_t w = iv.alpha * T;
     const scalar_t* c0 = rgb + i * D + d0;
-#pragma unroll
+G3DR_UNROLL
     for (int c = 0; c < CH; ++c) {
       if (c < nd) {
         acc[c] += w * (acc_t(0.5) * (static_cast<acc_t>(c0[c]) + static_cast<acc_t>(c0[c + D])));
@@ -135,7 +146,7 @@ G3DR_HD void ray_forward(const scalar_t* __restrict__ sigma, const scalar_t* __r
     *out_depth = static_cast<scalar_t>(wt / (opacity + prm.eps));
   }
   const acc_t bg = prm.white_bg ? acc_t(1) - opacity : acc_t(0);
-#pragma unroll
+G3DR_UNROLL
   for (int c = 0; c < CH; ++c) {
     if (c < nd) out_rgb[d0 + c] = static_cast<scalar_t>(acc[c] + bg);
   }
