@@ -20,6 +20,9 @@
 
 #include "g3dr/common.h"
 #include "g3dr/composite_math.h"
+// composite_math.h and sample_math.h each define G3DR_UNROLL (differently); their functions are
+// already parsed, so dropping the first definition only silences the redefinition warning.
+#undef G3DR_UNROLL
 #include "g3dr/sample_math.h"
 
 namespace g3dr {
