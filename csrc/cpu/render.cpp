@@ -293,37 +293,51 @@ struct SampleState {
 // Per-thread buffers of the backward.
 template <typename acc_t>
 struct BwdScratch {
+  int64_t C, Hd, O;
   std::vector<acc_t> mem;
   SampleState<acc_t> st[2];
   acc_t *gh, *gf, *go;
   acc_t* gdec;  // the current ray's decoder gradient: gw1 [Hd,C], gb1 [Hd], gw2 [O,Hd], gb2 [O]
-  BwdScratch(int64_t C, int64_t Hd, int64_t O, int64_t nW) : mem(2 * (C + 3 * Hd + O) + Hd + C + O + nW) {
+  // States of every sample of a ray, for rays with a weights gradient (allocated on first use).
+  std::vector<acc_t> ray_mem;
+  std::vector<SampleState<acc_t>> ray_st;
+
+  BwdScratch(int64_t C_, int64_t Hd_, int64_t O_, int64_t nW)
+      : C(C_), Hd(Hd_), O(O_), mem(2 * (C + 3 * Hd + O) + Hd + C + O + nW) {
     acc_t* q = mem.data();
-    for (auto& x : st) {
-      x.f = q;
-      x.a = x.f + C;
-      x.h = x.a + Hd;
-      x.dh = x.h + Hd;
-      x.o = x.dh + Hd;
-      q = x.o + O;
-    }
+    for (auto& x : st) q = place(x, q);
     gh = q;
     gf = gh + Hd;
     go = gf + C;
     gdec = go + O;
   }
+  acc_t* place(SampleState<acc_t>& x, acc_t* q) const {
+    x.f = q;
+    x.a = x.f + C;
+    x.h = x.a + Hd;
+    x.dh = x.h + Hd;
+    x.o = x.dh + Hd;
+    return x.o + O;
+  }
+  void ensure_ray_states(int64_t S) {
+    if (static_cast<int64_t>(ray_st.size()) >= S) return;
+    ray_mem.assign(S * (C + 3 * Hd + O), acc_t(0));
+    ray_st.resize(S);
+    acc_t* q = ray_mem.data();
+    for (auto& x : ray_st) q = place(x, q);
+  }
 };
 
-// Recompute sample s of a ray: point, features, decoder (outputs = 1: density only, no softplus').
+// Recompute sample s of a ray: point, features, decoder output and softplus'.
 template <typename scalar_t>
 inline void recompute(const Ctx<scalar_t>& c, int64_t ray, int64_t b, int64_t s,
-                      SampleState<at::opmath_type<scalar_t>>& x, int outputs) {
+                      SampleState<at::opmath_type<scalar_t>>& x) {
   using acc_t = at::opmath_type<scalar_t>;
   x.z = static_cast<acc_t>(c.dz[ray * c.S + s]);
   sample_point(c.ro + ray * 3, c.rd + ray * 3, x.z, c.scale, x.u);
   point_features(c.pv, b, x.u, c.plane_axes, x.f);
-  mlp_forward<acc_t>(x.f, static_cast<int>(c.C), c.w1t, c.b1, static_cast<int>(c.Hd), c.w2, c.b2, outputs, x.a, x.h,
-                     outputs == 1 ? nullptr : x.dh, x.o);
+  mlp_forward<acc_t>(x.f, static_cast<int>(c.C), c.w1t, c.b1, static_cast<int>(c.Hd), c.w2, c.b2,
+                     static_cast<int>(c.O), x.a, x.h, x.dh, x.o);
   x.sigma = x.o[0];
 }
 
@@ -389,13 +403,18 @@ void bwd_chunks(const Ctx<scalar_t>& c, int64_t cbegin, int64_t cend) {
           }
         }
       }
-      if (gwr != nullptr) {  // sum_i w_i g_weights_i joins the total: one density-only scan
+      // With a weights gradient, sum_i w_i g_weights_i joins the total before the scan can start:
+      // recompute the whole ray once into per-sample states, add that sum, then scan the stored
+      // states. Otherwise (the common case) the scan recomputes each sample into two rotating states.
+      const bool stored = gwr != nullptr;
+      if (stored) {
+        w.ensure_ray_states(S);
         acc_t T = acc_t(1);
         for (int64_t s = 0; s < S; ++s) {
-          SampleState<acc_t>& cur = w.st[s & 1];
-          const SampleState<acc_t>& prev = w.st[(s & 1) ^ 1];
-          recompute(c, ray, b, s, cur, 1);
+          SampleState<acc_t>& cur = w.ray_st[s];
+          recompute(c, ray, b, s, cur);
           if (s > 0) {
+            const SampleState<acc_t>& prev = w.ray_st[s - 1];
             const composite::Interval<acc_t> iv = composite::interval<acc_t>(
                 acc_t(0.5) * (prev.sigma + cur.sigma), cur.z - prev.z, c.prm.density_bias);
             rg.total += iv.alpha * T * static_cast<acc_t>(gwr[s - 1]);
@@ -407,9 +426,9 @@ void bwd_chunks(const Ctx<scalar_t>& c, int64_t cbegin, int64_t cend) {
       bool touched = false;
       acc_t T = acc_t(1), prefix = acc_t(0), prev_gsm = acc_t(0), prev_kw = acc_t(0);
       for (int64_t s = 0; s < S; ++s) {
-        SampleState<acc_t>& cur = w.st[s & 1];
-        const SampleState<acc_t>& prev = w.st[(s & 1) ^ 1];
-        recompute(c, ray, b, s, cur, static_cast<int>(c.O));
+        SampleState<acc_t>& cur = stored ? w.ray_st[s] : w.st[s & 1];
+        const SampleState<acc_t>& prev = stored ? w.ray_st[s > 0 ? s - 1 : 0] : w.st[(s & 1) ^ 1];
+        if (!stored) recompute(c, ray, b, s, cur);
         cur.dc = acc_t(0);
         for (int64_t k = 0; k < D; ++k) cur.dc += static_cast<acc_t>(gr[k]) * rgb_activation(cur.o[1 + k]);
         if (s == 0) continue;
@@ -433,7 +452,8 @@ void bwd_chunks(const Ctx<scalar_t>& c, int64_t cbegin, int64_t cend) {
         prev_kw = kw;
         T *= iv.trans;
       }
-      touched |= backprop_sample(c, w.st[(S - 1) & 1], gr, acc_t(0.5) * prev_gsm, acc_t(0.5) * prev_kw, w, gv);
+      const SampleState<acc_t>& last = stored ? w.ray_st[S - 1] : w.st[(S - 1) & 1];
+      touched |= backprop_sample(c, last, gr, acc_t(0.5) * prev_gsm, acc_t(0.5) * prev_kw, w, gv);
       if (touched) {  // per-ray sums (S terms in acc_t) flushed into the chunk's float64 sums
         for (int64_t i = 0; i < nW; ++i) {
           gdec_chunk[i] += static_cast<double>(w.gdec[i]);
