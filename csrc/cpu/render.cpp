@@ -166,35 +166,27 @@ Decoder decoder_in(const at::Tensor& w1, const at::Tensor& b1, const at::Tensor&
   return d;
 }
 
-// Everything a chunk of rays reads and writes, as raw pointers. Backward-only fields are null in
-// the forward.
 template <typename scalar_t>
-struct Ctx {
-  using acc_t = at::opmath_type<scalar_t>;
-  int64_t R, S, C, Hd, O, D;
-  PyramidView<const scalar_t> pv;
-  const scalar_t *ro, *rd, *dz, *target;
-  const acc_t *w1, *w1t, *b1, *w2, *b2;
-  acc_t scale;
-  int plane_axes;
-  composite::Params<acc_t> prm;
-  // forward outputs
-  scalar_t *out_rgb, *out_depth, *out_opacity, *out_w;
-  // backward inputs and accumulators
-  const scalar_t *g_rgb, *g_depth, *g_op, *g_w, *s_rgb, *s_depth, *s_op;
+using Args = RenderArgs<scalar_t, at::opmath_type<scalar_t>>;
+
+// What a backward chunk needs on top of the per-ray arguments: chunk k covers part k % per_batch of
+// batch element k / per_batch and owns row k of the plane-gradient and decoder-gradient buffers.
+template <typename scalar_t>
+struct Chunks {
+  Args<scalar_t> a;
   int64_t per_batch, P, nW;
-  int64_t level_off[kMaxLevels];
-  acc_t* gplanes;  // [B * per_batch, P], channels-last levels one after another
-  double* gdec;    // [B * per_batch, nW]
+  int64_t level_off[kMaxLevels];    // offset of each level in a row of gplanes
+  at::opmath_type<scalar_t>* gplanes;  // [B * per_batch, P], channels-last levels one after another
+  double* gdec;                        // [B * per_batch, nW]
 };
 
 template <typename scalar_t>
-Ctx<scalar_t> make_ctx(const Dims& d, const std::vector<at::Tensor>& cl, const at::Tensor& rays_o,
-                       const at::Tensor& rays_d, const at::Tensor& depths, const std::optional<at::Tensor>& target,
-                       const Decoder& dec, double scale, int64_t plane_axes,
-                       const composite::Params<at::opmath_type<scalar_t>>& prm) {
+Args<scalar_t> make_args(const Dims& d, const std::vector<at::Tensor>& cl, const at::Tensor& rays_o,
+                         const at::Tensor& rays_d, const at::Tensor& depths, const std::optional<at::Tensor>& target,
+                         const Decoder& dec, double scale, int64_t plane_axes,
+                         const composite::Params<at::opmath_type<scalar_t>>& prm) {
   using acc_t = at::opmath_type<scalar_t>;
-  Ctx<scalar_t> c{};
+  Args<scalar_t> c{};
   c.R = d.R;
   c.S = d.S;
   c.C = d.C;
@@ -217,62 +209,17 @@ Ctx<scalar_t> make_ctx(const Dims& d, const std::vector<at::Tensor>& cl, const a
   return c;
 }
 
-// The point of sample s of a ray in plane units: u = (o + z d) * scale, the point rounded to the
-// input dtype first as the reference's xyz tensor is.
-template <typename scalar_t, typename acc_t>
-inline void sample_point(const scalar_t* o, const scalar_t* dir, acc_t z, acc_t scale, acc_t* u) {
-  for (int k = 0; k < 3; ++k) {
-    const scalar_t x = static_cast<scalar_t>(o[k] + static_cast<scalar_t>(z) * dir[k]);
-    u[k] = static_cast<acc_t>(x) * scale;
-  }
-}
-
-// Forward of rays [begin, end): stream the samples, composite as they come, write per-ray outputs.
+// Forward of rays [begin, end) (ray_forward_fused per ray, with this thread's scratch).
 template <typename scalar_t>
-void fwd_rays(const Ctx<scalar_t>& c, int64_t begin, int64_t end) {
+void fwd_rays(const Args<scalar_t>& c, int64_t begin, int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t S = c.S, C = c.C, Hd = c.Hd, O = c.O, D = c.D;
-  // f [C], a [Hd], h [Hd], o [O], colour accumulator [D], previous sample's colour [D]
-  std::vector<acc_t> scratch(C + 2 * Hd + O + 2 * D);
+  std::vector<acc_t> scratch(c.C + 2 * c.Hd + c.O + 2 * c.D);
   acc_t* f = scratch.data();
-  acc_t* a = f + C;
-  acc_t* h = a + Hd;
-  acc_t* o = h + Hd;
-  acc_t* acc_rgb = o + O;
-  acc_t* prev_rgb = acc_rgb + D;
-  for (int64_t ray = begin; ray < end; ++ray) {
-    const int64_t b = ray / c.R;
-    const scalar_t* z = c.dz + ray * S;
-    acc_t T = acc_t(1), opacity = acc_t(0), wt = acc_t(0), prev_sigma = acc_t(0), prev_z = acc_t(0);
-    for (int64_t k = 0; k < D; ++k) acc_rgb[k] = acc_t(0);
-    for (int64_t s = 0; s < S; ++s) {
-      const acc_t zs = static_cast<acc_t>(z[s]);
-      acc_t u[3];
-      sample_point(c.ro + ray * 3, c.rd + ray * 3, zs, c.scale, u);
-      point_features(c.pv, b, u, c.plane_axes, f);
-      mlp_forward<acc_t>(f, static_cast<int>(C), c.w1t, c.b1, static_cast<int>(Hd), c.w2, c.b2, static_cast<int>(O),
-                         a, h, nullptr, o);
-      const acc_t sigma = o[0];
-      for (int64_t k = 0; k < D; ++k) o[1 + k] = rgb_activation(o[1 + k]);  // o[1:] is now the colour
-      if (s > 0) {
-        const composite::Interval<acc_t> iv =
-            composite::interval<acc_t>(acc_t(0.5) * (prev_sigma + sigma), zs - prev_z, c.prm.density_bias);
-        const acc_t w = iv.alpha * T;
-        for (int64_t k = 0; k < D; ++k) acc_rgb[k] += w * (acc_t(0.5) * (prev_rgb[k] + o[1 + k]));
-        opacity += w;
-        wt += w * (acc_t(0.5) * (prev_z + zs));
-        if (c.out_w != nullptr) c.out_w[ray * (S - 1) + s - 1] = static_cast<scalar_t>(w);
-        T *= iv.trans;
-      }
-      for (int64_t k = 0; k < D; ++k) prev_rgb[k] = o[1 + k];
-      prev_sigma = sigma;
-      prev_z = zs;
-    }
-    const acc_t bg = c.prm.white_bg ? acc_t(1) - opacity : acc_t(0);
-    for (int64_t k = 0; k < D; ++k) c.out_rgb[ray * D + k] = static_cast<scalar_t>(acc_rgb[k] + bg);
-    c.out_opacity[ray] = static_cast<scalar_t>(opacity);
-    c.out_depth[ray] = static_cast<scalar_t>(wt / (opacity + c.prm.eps));
-  }
+  acc_t* a = f + c.C;
+  acc_t* h = a + c.Hd;
+  acc_t* o = h + c.Hd;
+  acc_t* acc_rgb = o + c.O;
+  for (int64_t ray = begin; ray < end; ++ray) ray_forward_fused(c, ray, f, a, h, o, acc_rgb, acc_rgb + c.D);
 }
 
 struct PlainAdd {
@@ -282,23 +229,15 @@ struct PlainAdd {
   }
 };
 
-// Decoder state of one recomputed sample.
-template <typename acc_t>
-struct SampleState {
-  acc_t *f, *a, *h, *dh, *o;  // features [C], scratch [Hd], softplus and softplus' [Hd], output [O]
-  acc_t u[3];
-  acc_t z, sigma, dc;  // depth, density, g_rgb . rgb
-};
-
-// Per-thread buffers of the backward.
+// Per-thread buffers of the backward: two rotating sample states, the states of a whole ray (for rays
+// with a weights gradient; allocated on first use), ga [Hd], gf [C], go [O] and the current ray's
+// decoder gradient [nW] (gw1 [Hd,C], gb1 [Hd], gw2 [O,Hd], gb2 [O]).
 template <typename acc_t>
 struct BwdScratch {
   int64_t C, Hd, O;
   std::vector<acc_t> mem;
   SampleState<acc_t> st[2];
-  acc_t *gh, *gf, *go;
-  acc_t* gdec;  // the current ray's decoder gradient: gw1 [Hd,C], gb1 [Hd], gw2 [O,Hd], gb2 [O]
-  // States of every sample of a ray, for rays with a weights gradient (allocated on first use).
+  acc_t *ga, *gf, *go, *gdec;
   std::vector<acc_t> ray_mem;
   std::vector<SampleState<acc_t>> ray_st;
 
@@ -306,8 +245,8 @@ struct BwdScratch {
       : C(C_), Hd(Hd_), O(O_), mem(2 * (C + 3 * Hd + O) + Hd + C + O + nW) {
     acc_t* q = mem.data();
     for (auto& x : st) q = place(x, q);
-    gh = q;
-    gf = gh + Hd;
+    ga = q;
+    gf = ga + Hd;
     go = gf + C;
     gdec = go + O;
   }
@@ -319,143 +258,71 @@ struct BwdScratch {
     x.o = x.dh + Hd;
     return x.o + O;
   }
-  void ensure_ray_states(int64_t S) {
-    if (static_cast<int64_t>(ray_st.size()) >= S) return;
-    ray_mem.assign(S * (C + 3 * Hd + O), acc_t(0));
-    ray_st.resize(S);
-    acc_t* q = ray_mem.data();
-    for (auto& x : ray_st) q = place(x, q);
+  SampleState<acc_t>* ray_states(int64_t S) {
+    if (static_cast<int64_t>(ray_st.size()) < S) {
+      ray_mem.assign(S * (C + 3 * Hd + O), acc_t(0));
+      ray_st.resize(S);
+      acc_t* q = ray_mem.data();
+      for (auto& x : ray_st) q = place(x, q);
+    }
+    return ray_st.data();
   }
 };
 
-// Recompute sample s of a ray: point, features, decoder output and softplus'.
+// The CPU's per-sample backprop: decoder gradients into the thread's per-ray sums, feature gradients
+// into the chunk's plane-gradient buffer (private to this thread, so plain adds).
 template <typename scalar_t>
-inline void recompute(const Ctx<scalar_t>& c, int64_t ray, int64_t b, int64_t s,
-                      SampleState<at::opmath_type<scalar_t>>& x) {
+struct CpuBackprop {
   using acc_t = at::opmath_type<scalar_t>;
-  x.z = static_cast<acc_t>(c.dz[ray * c.S + s]);
-  sample_point(c.ro + ray * 3, c.rd + ray * 3, x.z, c.scale, x.u);
-  point_features(c.pv, b, x.u, c.plane_axes, x.f);
-  mlp_forward<acc_t>(x.f, static_cast<int>(c.C), c.w1t, c.b1, static_cast<int>(c.Hd), c.w2, c.b2,
-                     static_cast<int>(c.O), x.a, x.h, x.dh, x.o);
-  x.sigma = x.o[0];
-}
-
-// Backprop one sample with dL/dsigma = gsig and dL/drgb = kw * g_rgb through the decoder (into the
-// per-ray decoder gradient) and the bilinear taps (into the chunk's plane gradient). Returns whether
-// anything was added.
-template <typename scalar_t>
-inline bool backprop_sample(const Ctx<scalar_t>& c, const SampleState<at::opmath_type<scalar_t>>& x,
-                            const scalar_t* g_rgb, at::opmath_type<scalar_t> gsig, at::opmath_type<scalar_t> kw,
-                            BwdScratch<at::opmath_type<scalar_t>>& w, const PyramidView<at::opmath_type<scalar_t>>& gv) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t Hd = c.Hd, C = c.C, O = c.O;
-  w.go[0] = gsig;
-  bool any = gsig != acc_t(0);
-  for (int64_t k = 0; k < c.D; ++k) {
-    w.go[1 + k] = kw * static_cast<acc_t>(g_rgb[k]) * rgb_activation_grad(x.o[1 + k]);
-    any = any || w.go[1 + k] != acc_t(0);
+  const Args<scalar_t>& c;
+  BwdScratch<acc_t>& w;
+  const PyramidView<acc_t>& gv;
+  void operator()(const SampleState<acc_t>& x, int64_t /*s*/, const acc_t* go, bool nonzero) {
+    if (!nonzero) return;  // e.g. rays that miss the box: nothing to add
+    const int C = static_cast<int>(c.C), Hd = static_cast<int>(c.Hd), O = static_cast<int>(c.O);
+    mlp_backward_input<acc_t>(C, c.w1, Hd, c.w2, O, x.dh, go, w.ga, w.gf);
+    acc_t* gw1 = w.gdec;
+    acc_t* gb1 = gw1 + c.Hd * c.C;
+    acc_t* gw2 = gb1 + c.Hd;
+    acc_t* gb2 = gw2 + c.O * c.Hd;
+    mlp_weight_grads<acc_t>(x.f, C, x.h, Hd, w.ga, go, O, gw1, gb1, gw2, gb2);
+    scatter_point_grad(gv, 0, x.u, c.plane_axes, w.gf, PlainAdd{});
   }
-  if (!any) return false;  // e.g. rays that miss the box: nothing to add
-  acc_t* gw1 = w.gdec;
-  acc_t* gb1 = gw1 + Hd * C;
-  acc_t* gw2 = gb1 + Hd;
-  acc_t* gb2 = gw2 + O * Hd;
-  mlp_backward<acc_t>(x.f, static_cast<int>(C), c.w1, static_cast<int>(Hd), c.w2, static_cast<int>(O), x.dh, x.h,
-                      w.go, w.gh, w.gf, gw1, gb1, gw2, gb2);
-  scatter_point_grad(gv, 0, x.u, c.plane_axes, w.gf, PlainAdd{});
-  return true;
-}
+};
 
-// Backward of chunks [cbegin, cend): chunk k covers part k % per_batch of batch element k / per_batch.
+// Backward of chunks [cbegin, cend).
 template <typename scalar_t>
-void bwd_chunks(const Ctx<scalar_t>& c, int64_t cbegin, int64_t cend) {
+void bwd_chunks(const Chunks<scalar_t>& k, int64_t cbegin, int64_t cend) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t S = c.S, D = c.D, R = c.R, nW = c.nW;
+  const Args<scalar_t>& c = k.a;
+  const int64_t R = c.R, nW = k.nW;
   BwdScratch<acc_t> w(c.C, c.Hd, c.O, nW);
   for (int64_t chunk = cbegin; chunk < cend; ++chunk) {
-    const int64_t b = chunk / c.per_batch, part = chunk % c.per_batch;
-    const int64_t r0 = R * part / c.per_batch, r1 = R * (part + 1) / c.per_batch;
+    const int64_t b = chunk / k.per_batch, part = chunk % k.per_batch;
+    const int64_t r0 = R * part / k.per_batch, r1 = R * (part + 1) / k.per_batch;
     PyramidView<acc_t> gv{};
     gv.levels = c.pv.levels;
     gv.C = c.pv.C;
     for (int l = 0; l < c.pv.levels; ++l) {
-      gv.data[l] = c.gplanes + chunk * c.P + c.level_off[l];
+      gv.data[l] = k.gplanes + chunk * k.P + k.level_off[l];
       gv.H[l] = c.pv.H[l];
       gv.W[l] = c.pv.W[l];
       gv.batch_stride[l] = 0;  // the buffer holds batch element b only
     }
-    double* gdec_chunk = c.gdec + chunk * nW;
-
+    double* gdec_chunk = k.gdec + chunk * nW;
+    CpuBackprop<scalar_t> backprop{c, w, gv};
     for (int64_t ray = b * R + r0; ray < b * R + r1; ++ray) {
-      const scalar_t* gr = c.g_rgb + ray * D;
-      RayGrad<acc_t> rg = ray_grad_setup<scalar_t, acc_t>(gr, static_cast<acc_t>(c.g_depth[ray]),
-                                                          static_cast<acc_t>(c.g_op[ray]), c.s_rgb + ray * D,
-                                                          static_cast<acc_t>(c.s_depth[ray]),
-                                                          static_cast<acc_t>(c.s_op[ray]), D, c.prm);
-      const scalar_t* gwr = nullptr;
-      if (c.g_w != nullptr) {
-        const scalar_t* row = c.g_w + ray * (S - 1);
-        for (int64_t i = 0; i + 1 < S; ++i) {
-          if (row[i] != scalar_t(0)) {
-            gwr = row;
-            break;
-          }
-        }
-      }
-      // With a weights gradient, sum_i w_i g_weights_i joins the total before the scan can start:
-      // recompute the whole ray once into per-sample states, add that sum, then scan the stored
-      // states. Otherwise (the common case) the scan recomputes each sample into two rotating states.
-      const bool stored = gwr != nullptr;
-      if (stored) {
-        w.ensure_ray_states(S);
-        acc_t T = acc_t(1);
-        for (int64_t s = 0; s < S; ++s) {
-          SampleState<acc_t>& cur = w.ray_st[s];
-          recompute(c, ray, b, s, cur);
-          if (s > 0) {
-            const SampleState<acc_t>& prev = w.ray_st[s - 1];
-            const composite::Interval<acc_t> iv = composite::interval<acc_t>(
-                acc_t(0.5) * (prev.sigma + cur.sigma), cur.z - prev.z, c.prm.density_bias);
-            rg.total += iv.alpha * T * static_cast<acc_t>(gwr[s - 1]);
-            T *= iv.trans;
-          }
-        }
-      }
-      const acc_t tgt = c.target != nullptr ? static_cast<acc_t>(c.target[ray]) : acc_t(0);
-      bool touched = false;
-      acc_t T = acc_t(1), prefix = acc_t(0), prev_gsm = acc_t(0), prev_kw = acc_t(0);
-      for (int64_t s = 0; s < S; ++s) {
-        SampleState<acc_t>& cur = stored ? w.ray_st[s] : w.st[s & 1];
-        const SampleState<acc_t>& prev = stored ? w.ray_st[s > 0 ? s - 1 : 0] : w.st[(s & 1) ^ 1];
-        if (!stored) recompute(c, ray, b, s, cur);
-        cur.dc = acc_t(0);
-        for (int64_t k = 0; k < D; ++k) cur.dc += static_cast<acc_t>(gr[k]) * rgb_activation(cur.o[1 + k]);
-        if (s == 0) continue;
-        const acc_t delta = cur.z - prev.z, t_mid = acc_t(0.5) * (prev.z + cur.z);
-        const composite::Interval<acc_t> iv =
-            composite::interval<acc_t>(acc_t(0.5) * (prev.sigma + cur.sigma), delta, c.prm.density_bias);
-        const acc_t wi = iv.alpha * T;
-        acc_t G = acc_t(0.5) * (prev.dc + cur.dc) + rg.gd * t_mid + rg.base;
-        if (gwr != nullptr) G += static_cast<acc_t>(gwr[s - 1]);
-        prefix += wi * G;
-        acc_t gsm = interval_density_grad<acc_t>(iv, T, G, rg.total - prefix, delta);
-        acc_t kw = wi;
-        if (c.target != nullptr) {
-          const acc_t k = composite::depth_kernel<acc_t>(tgt, t_mid, c.prm);
-          gsm *= k;
-          kw *= k;
-        }
-        // sample s-1 now has both of its intervals: 0.5 (g_mid_{s-2} + g_mid_{s-1})
-        touched |= backprop_sample(c, prev, gr, acc_t(0.5) * (prev_gsm + gsm), acc_t(0.5) * (prev_kw + kw), w, gv);
-        prev_gsm = gsm;
-        prev_kw = kw;
-        T *= iv.trans;
-      }
-      const SampleState<acc_t>& last = stored ? w.ray_st[S - 1] : w.st[(S - 1) & 1];
-      touched |= backprop_sample(c, last, gr, acc_t(0.5) * prev_gsm, acc_t(0.5) * prev_kw, w, gv);
-      if (touched) {  // per-ray sums (S terms in acc_t) flushed into the chunk's float64 sums
-        for (int64_t i = 0; i < nW; ++i) {
+      RayGrad<acc_t> rg = ray_grad_setup<scalar_t, acc_t>(
+          c.g_rgb + ray * c.D, static_cast<acc_t>(c.g_depth[ray]), static_cast<acc_t>(c.g_op[ray]),
+          c.s_rgb + ray * c.D, static_cast<acc_t>(c.s_depth[ray]), static_cast<acc_t>(c.s_op[ray]), c.D, c.prm);
+      // With a weights gradient, the whole ray is recomputed once into per-sample states (its
+      // sum_i w_i g_weights_i joins the total) and the scan reuses them; otherwise the scan
+      // recomputes each sample into two rotating states.
+      const scalar_t* gwr = ray_weights_grad(c, ray);
+      SampleState<acc_t>* states = gwr != nullptr ? w.ray_states(c.S) : w.st;
+      if (gwr != nullptr) rg.total += ray_weights_total(c, ray, b, states, true, gwr);
+      if (ray_backward_scan(c, ray, b, states, gwr != nullptr, gwr, rg, w.go, backprop)) {
+        for (int64_t i = 0; i < nW; ++i) {  // per-ray sums (S terms) flushed into the chunk's float64 sums
           gdec_chunk[i] += static_cast<double>(w.gdec[i]);
           w.gdec[i] = acc_t(0);
         }
@@ -464,21 +331,21 @@ void bwd_chunks(const Ctx<scalar_t>& c, int64_t cbegin, int64_t cend) {
   }
 }
 
-G3DR_CPU_KERNEL void fwd_rays_f32(const Ctx<float>& c, int64_t begin, int64_t end) { fwd_rays<float>(c, begin, end); }
-G3DR_CPU_KERNEL void fwd_rays_f64(const Ctx<double>& c, int64_t begin, int64_t end) {
+G3DR_CPU_KERNEL void fwd_rays_f32(const Args<float>& c, int64_t begin, int64_t end) { fwd_rays<float>(c, begin, end); }
+G3DR_CPU_KERNEL void fwd_rays_f64(const Args<double>& c, int64_t begin, int64_t end) {
   fwd_rays<double>(c, begin, end);
 }
-G3DR_CPU_KERNEL void bwd_chunks_f32(const Ctx<float>& c, int64_t begin, int64_t end) {
-  bwd_chunks<float>(c, begin, end);
+G3DR_CPU_KERNEL void bwd_chunks_f32(const Chunks<float>& k, int64_t begin, int64_t end) {
+  bwd_chunks<float>(k, begin, end);
 }
-G3DR_CPU_KERNEL void bwd_chunks_f64(const Ctx<double>& c, int64_t begin, int64_t end) {
-  bwd_chunks<double>(c, begin, end);
+G3DR_CPU_KERNEL void bwd_chunks_f64(const Chunks<double>& k, int64_t begin, int64_t end) {
+  bwd_chunks<double>(k, begin, end);
 }
 
-inline void fwd_rays_any(const Ctx<float>& c, int64_t b, int64_t e) { fwd_rays_f32(c, b, e); }
-inline void fwd_rays_any(const Ctx<double>& c, int64_t b, int64_t e) { fwd_rays_f64(c, b, e); }
-inline void bwd_chunks_any(const Ctx<float>& c, int64_t b, int64_t e) { bwd_chunks_f32(c, b, e); }
-inline void bwd_chunks_any(const Ctx<double>& c, int64_t b, int64_t e) { bwd_chunks_f64(c, b, e); }
+inline void fwd_rays_any(const Args<float>& c, int64_t b, int64_t e) { fwd_rays_f32(c, b, e); }
+inline void fwd_rays_any(const Args<double>& c, int64_t b, int64_t e) { fwd_rays_f64(c, b, e); }
+inline void bwd_chunks_any(const Chunks<float>& k, int64_t b, int64_t e) { bwd_chunks_f32(k, b, e); }
+inline void bwd_chunks_any(const Chunks<double>& k, int64_t b, int64_t e) { bwd_chunks_f64(k, b, e); }
 
 }  // namespace
 
@@ -500,8 +367,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> render_fwd_cpu(
   AT_DISPATCH_FLOATING_TYPES(depths.scalar_type(), "render_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const Decoder dec = decoder_in(w1, b1, w2, b2, c10::CppTypeToScalarType<acc_t>::value);
-    Ctx<scalar_t> c = make_ctx<scalar_t>(d, cl, ro, rd, dz, std::nullopt, dec, scale, plane_axes,
-                                         params<acc_t>(s1, s2, c_min, c_max, density_bias, eps, white_bg));
+    Args<scalar_t> c = make_args<scalar_t>(d, cl, ro, rd, dz, std::nullopt, dec, scale, plane_axes,
+                                           params<acc_t>(s1, s2, c_min, c_max, density_bias, eps, white_bg));
     c.out_rgb = out_rgb.data_ptr<scalar_t>();
     c.out_depth = out_depth.data_ptr<scalar_t>();
     c.out_opacity = out_opacity.data_ptr<scalar_t>();
@@ -546,8 +413,10 @@ std::vector<at::Tensor> render_bwd_cpu(const at::Tensor& grad_rgb, const at::Ten
     AT_DISPATCH_FLOATING_TYPES(depths.scalar_type(), "render_bwd_cpu", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       const Decoder dec = decoder_in(w1, b1, w2, b2, c10::CppTypeToScalarType<acc_t>::value);
-      Ctx<scalar_t> c = make_ctx<scalar_t>(d, cl, ro, rd, dz, tg, dec, scale, plane_axes,
-                                           params<acc_t>(s1, s2, c_min, c_max, density_bias, eps, white_bg));
+      Chunks<scalar_t> k{};
+      Args<scalar_t>& c = k.a;
+      c = make_args<scalar_t>(d, cl, ro, rd, dz, tg, dec, scale, plane_axes,
+                              params<acc_t>(s1, s2, c_min, c_max, density_bias, eps, white_bg));
       c.g_rgb = g_rgb.data_ptr<scalar_t>();
       c.g_depth = g_depth.data_ptr<scalar_t>();
       c.g_op = g_op.data_ptr<scalar_t>();
@@ -555,16 +424,16 @@ std::vector<at::Tensor> render_bwd_cpu(const at::Tensor& grad_rgb, const at::Ten
       c.s_rgb = s_rgb.data_ptr<scalar_t>();
       c.s_depth = s_depth.data_ptr<scalar_t>();
       c.s_op = s_op.data_ptr<scalar_t>();
-      c.per_batch = per_batch;
-      c.P = P;
-      c.nW = nW;
+      k.per_batch = per_batch;
+      k.P = P;
+      k.nW = nW;
       for (size_t l = 0, off = 0; l < cl.size(); ++l) {
-        c.level_off[l] = static_cast<int64_t>(off);
+        k.level_off[l] = static_cast<int64_t>(off);
         off += cl[l].numel() / d.B;
       }
-      c.gplanes = gplanes.data_ptr<acc_t>();
-      c.gdec = gdec.data_ptr<double>();
-      at::parallel_for(0, d.B * per_batch, 1, [&](int64_t begin, int64_t end) { bwd_chunks_any(c, begin, end); });
+      k.gplanes = gplanes.data_ptr<acc_t>();
+      k.gdec = gdec.data_ptr<double>();
+      at::parallel_for(0, d.B * per_batch, 1, [&](int64_t begin, int64_t end) { bwd_chunks_any(k, begin, end); });
     });
   }
   const at::Tensor gsum = per_batch == 1 ? gplanes.select(1, 0) : gplanes.sum(1);  // [B, P], fixed order

@@ -235,38 +235,44 @@ G3DR_HD T rgb_activation_grad(T o) {
   return T(1 + 2 * kRgbPad) * s * (T(1) - s);
 }
 
-// Decoder backward for one sample, given go = dL/do [O] and dh = softplus'(W1 f + b1) [Hd] from
-// mlp_forward. Accumulates into gw1 [Hd, C], gb1 [Hd],
-// gw2 [O, Hd], gb2 [O] (nn.Linear layout) and writes gf = dL/df [C]. gh is scratch [Hd].
+// Decoder backward to the input for one sample, given go = dL/do [O] and dh = softplus'(W1 f + b1)
+// [Hd] from mlp_forward: writes ga = dL/d(W1 f + b1) [Hd] and gf = dL/df [C].
 template <typename T>
-G3DR_HD void mlp_backward(const T* __restrict__ f, int C, const T* __restrict__ w1, int Hd, const T* __restrict__ w2,
-                          int O, const T* __restrict__ dh, const T* __restrict__ h, const T* __restrict__ go,
-                          T* __restrict__ gh, T* __restrict__ gf, T* __restrict__ gw1, T* __restrict__ gb1,
-                          T* __restrict__ gw2, T* __restrict__ gb2) {
-  for (int j = 0; j < Hd; ++j) gh[j] = T(0);
+G3DR_HD void mlp_backward_input(int C, const T* __restrict__ w1, int Hd, const T* __restrict__ w2, int O,
+                                const T* __restrict__ dh, const T* __restrict__ go, T* __restrict__ ga,
+                                T* __restrict__ gf) {
+  for (int j = 0; j < Hd; ++j) ga[j] = T(0);
+  for (int k = 0; k < O; ++k) {
+    const T g = go[k];
+    const T* __restrict__ row = w2 + static_cast<int64_t>(k) * Hd;
+    for (int j = 0; j < Hd; ++j) ga[j] += g * row[j];
+  }
+  for (int j = 0; j < Hd; ++j) ga[j] *= dh[j];
+  for (int c = 0; c < C; ++c) gf[c] = T(0);
+  for (int j = 0; j < Hd; ++j) {
+    const T g = ga[j];
+    const T* __restrict__ row = w1 + static_cast<int64_t>(j) * C;
+    for (int c = 0; c < C; ++c) gf[c] += g * row[c];
+  }
+}
+
+// The decoder's weight gradients from one sample (nn.Linear layout): gw1 [Hd, C] += ga f^T,
+// gb1 [Hd] += ga, gw2 [O, Hd] += go h^T, gb2 [O] += go.
+template <typename T>
+G3DR_HD void mlp_weight_grads(const T* __restrict__ f, int C, const T* __restrict__ h, int Hd,
+                              const T* __restrict__ ga, const T* __restrict__ go, int O, T* __restrict__ gw1,
+                              T* __restrict__ gb1, T* __restrict__ gw2, T* __restrict__ gb2) {
   for (int k = 0; k < O; ++k) {
     const T g = go[k];
     gb2[k] += g;
-    const T* __restrict__ row = w2 + static_cast<int64_t>(k) * Hd;
     T* __restrict__ grow = gw2 + static_cast<int64_t>(k) * Hd;
-    for (int j = 0; j < Hd; ++j) {
-      gh[j] += g * row[j];
-      grow[j] += g * h[j];
-    }
+    for (int j = 0; j < Hd; ++j) grow[j] += g * h[j];
   }
   for (int j = 0; j < Hd; ++j) {
-    gh[j] *= dh[j];
-    gb1[j] += gh[j];
-  }
-  for (int c = 0; c < C; ++c) gf[c] = T(0);
-  for (int j = 0; j < Hd; ++j) {
-    const T g = gh[j];
-    const T* __restrict__ row = w1 + static_cast<int64_t>(j) * C;
+    const T g = ga[j];
+    gb1[j] += g;
     T* __restrict__ grow = gw1 + static_cast<int64_t>(j) * C;
-    for (int c = 0; c < C; ++c) {
-      gf[c] += g * row[c];
-      grow[c] += g * f[c];
-    }
+    for (int c = 0; c < C; ++c) grow[c] += g * f[c];
   }
 }
 
@@ -303,6 +309,186 @@ G3DR_HD RayGrad<acc_t> ray_grad_setup(const scalar_t* __restrict__ g_rgb, acc_t 
 template <typename T>
 G3DR_HD T interval_density_grad(const composite::Interval<T>& iv, T trans_before, T G, T suffix, T delta) {
   return (trans_before * G * iv.e - suffix * (iv.e / iv.trans)) * delta * iv.dsp;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Per-ray loops, shared by the CPU kernel (a thread runs them for a chunk of rays) and the CUDA
+// kernel (one thread per ray). Backends supply scratch memory and the gradient accumulation.
+// ---------------------------------------------------------------------------------------------
+
+// Everything the per-ray loops read and write, as raw pointers (contiguous tensors). The decoder
+// weights are in the accumulation type: w1 [Hd,C], w1t = w1^T [C,Hd], b1 [Hd], w2 [O,Hd], b2 [O].
+// Forward outputs and backward inputs are null where unused.
+template <typename scalar_t, typename acc_t>
+struct RenderArgs {
+  int64_t R, S, C, Hd, O, D;
+  PyramidView<const scalar_t> pv;
+  const scalar_t *ro, *rd, *dz, *target;  // rays_o, rays_d [B*R,3], depths [B*R,S], target [B*R] or null
+  const acc_t *w1, *w1t, *b1, *w2, *b2;
+  acc_t scale;
+  int plane_axes;
+  composite::Params<acc_t> prm;
+  scalar_t *out_rgb, *out_depth, *out_opacity, *out_w;                      // forward
+  const scalar_t *g_rgb, *g_depth, *g_op, *g_w, *s_rgb, *s_depth, *s_op;  // backward (g_w may be null)
+};
+
+// Decoder state of one recomputed sample.
+template <typename acc_t>
+struct SampleState {
+  acc_t *f, *a, *h, *dh, *o;  // features [C], scratch [Hd], softplus and softplus' [Hd], output [O]
+  acc_t u[3];                 // the point in plane units
+  acc_t z, sigma, dc;         // depth, density, g_rgb . rgb (backward)
+};
+
+// The point of a sample in plane units: u = (o + z d) * scale, the point rounded to the input dtype
+// first as the reference's xyz tensor is.
+template <typename scalar_t, typename acc_t>
+G3DR_HD void sample_point(const scalar_t* o, const scalar_t* dir, acc_t z, acc_t scale, acc_t* u) {
+  for (int k = 0; k < 3; ++k) {
+    const scalar_t x = static_cast<scalar_t>(static_cast<acc_t>(o[k]) +
+                                             static_cast<acc_t>(static_cast<scalar_t>(z)) * static_cast<acc_t>(dir[k]));
+    u[k] = static_cast<acc_t>(x) * scale;
+  }
+}
+
+// Recompute sample s of a ray (batch element b): point, features, decoder; full = false computes the
+// density only (no colour rows, no softplus').
+template <typename scalar_t, typename acc_t>
+G3DR_HD void recompute_sample(const RenderArgs<scalar_t, acc_t>& c, int64_t ray, int64_t b, int64_t s,
+                              SampleState<acc_t>& x, bool full) {
+  x.z = static_cast<acc_t>(c.dz[ray * c.S + s]);
+  sample_point(c.ro + ray * 3, c.rd + ray * 3, x.z, c.scale, x.u);
+  point_features(c.pv, b, x.u, c.plane_axes, x.f);
+  mlp_forward<acc_t>(x.f, static_cast<int>(c.C), c.w1t, c.b1, static_cast<int>(c.Hd), c.w2, c.b2,
+                     full ? static_cast<int>(c.O) : 1, x.a, x.h, full ? x.dh : nullptr, x.o);
+  x.sigma = x.o[0];
+}
+
+// Forward of one ray: stream the samples, composite as they come, write the ray's outputs (and its
+// weights when out_w is set). Scratch: f [C], a [Hd], h [Hd], o [O], acc_rgb [D], prev_rgb [D].
+template <typename scalar_t, typename acc_t>
+G3DR_HD void ray_forward_fused(const RenderArgs<scalar_t, acc_t>& c, int64_t ray, acc_t* f, acc_t* a, acc_t* h,
+                               acc_t* o, acc_t* acc_rgb, acc_t* prev_rgb) {
+  const int64_t S = c.S, D = c.D, b = ray / c.R;
+  const scalar_t* z = c.dz + ray * S;
+  acc_t T = acc_t(1), opacity = acc_t(0), wt = acc_t(0), prev_sigma = acc_t(0), prev_z = acc_t(0);
+  for (int64_t k = 0; k < D; ++k) acc_rgb[k] = acc_t(0);
+  for (int64_t s = 0; s < S; ++s) {
+    const acc_t zs = static_cast<acc_t>(z[s]);
+    acc_t u[3];
+    sample_point(c.ro + ray * 3, c.rd + ray * 3, zs, c.scale, u);
+    point_features(c.pv, b, u, c.plane_axes, f);
+    mlp_forward<acc_t>(f, static_cast<int>(c.C), c.w1t, c.b1, static_cast<int>(c.Hd), c.w2, c.b2,
+                       static_cast<int>(c.O), a, h, nullptr, o);
+    const acc_t sigma = o[0];
+    for (int64_t k = 0; k < D; ++k) o[1 + k] = rgb_activation(o[1 + k]);  // o[1:] is now the colour
+    if (s > 0) {
+      const composite::Interval<acc_t> iv =
+          composite::interval<acc_t>(acc_t(0.5) * (prev_sigma + sigma), zs - prev_z, c.prm.density_bias);
+      const acc_t w = iv.alpha * T;
+      for (int64_t k = 0; k < D; ++k) acc_rgb[k] += w * (acc_t(0.5) * (prev_rgb[k] + o[1 + k]));
+      opacity += w;
+      wt += w * (acc_t(0.5) * (prev_z + zs));
+      if (c.out_w != nullptr) c.out_w[ray * (S - 1) + s - 1] = static_cast<scalar_t>(w);
+      T *= iv.trans;
+    }
+    for (int64_t k = 0; k < D; ++k) prev_rgb[k] = o[1 + k];
+    prev_sigma = sigma;
+    prev_z = zs;
+  }
+  const acc_t bg = c.prm.white_bg ? acc_t(1) - opacity : acc_t(0);
+  for (int64_t k = 0; k < D; ++k) c.out_rgb[ray * D + k] = static_cast<scalar_t>(acc_rgb[k] + bg);
+  c.out_opacity[ray] = static_cast<scalar_t>(opacity);
+  c.out_depth[ray] = static_cast<scalar_t>(wt / (opacity + c.prm.eps));
+}
+
+// The ray's weights gradient row, or null when there is none or it is all zeros.
+template <typename scalar_t, typename acc_t>
+G3DR_HD const scalar_t* ray_weights_grad(const RenderArgs<scalar_t, acc_t>& c, int64_t ray) {
+  if (c.g_w == nullptr) return nullptr;
+  const scalar_t* row = c.g_w + ray * (c.S - 1);
+  for (int64_t i = 0; i + 1 < c.S; ++i) {
+    if (static_cast<acc_t>(row[i]) != acc_t(0)) return row;
+  }
+  return nullptr;
+}
+
+// sum_i w_i g_weights_i of a ray, which joins the total of ray_grad_setup before the scan can start.
+// stored: states has S entries, filled here with every sample's full state for the scan to reuse;
+// otherwise states has 2 entries and only the densities are recomputed (the scan recomputes again).
+template <typename scalar_t, typename acc_t>
+G3DR_HD acc_t ray_weights_total(const RenderArgs<scalar_t, acc_t>& c, int64_t ray, int64_t b,
+                                SampleState<acc_t>* states, bool stored, const scalar_t* gwr) {
+  acc_t T = acc_t(1), total = acc_t(0);
+  for (int64_t s = 0; s < c.S; ++s) {
+    SampleState<acc_t>& cur = states[stored ? s : (s & 1)];
+    recompute_sample(c, ray, b, s, cur, stored);
+    if (s > 0) {
+      const SampleState<acc_t>& prev = states[stored ? s - 1 : ((s & 1) ^ 1)];
+      const composite::Interval<acc_t> iv =
+          composite::interval<acc_t>(acc_t(0.5) * (prev.sigma + cur.sigma), cur.z - prev.z, c.prm.density_bias);
+      total += iv.alpha * T * static_cast<acc_t>(gwr[s - 1]);
+      T *= iv.trans;
+    }
+  }
+  return total;
+}
+
+// Backward of one ray: a forward scan recomputing T_i (and, unless stored, every sample into two
+// rotating states); interval i's density gradient uses suffix = total - prefix_i; a sample's output
+// gradient go = dL/do [O] is complete one interval after the sample and goes to
+// backprop(state, s, go, nonzero) (decoder and planes; the backend's accumulation). gwr: the ray's
+// weights gradient (rg.total must already include ray_weights_total) or null. go: scratch [O].
+// Returns whether any sample had a non-zero gradient.
+template <typename scalar_t, typename acc_t, typename Backprop>
+G3DR_HD bool ray_backward_scan(const RenderArgs<scalar_t, acc_t>& c, int64_t ray, int64_t b,
+                               SampleState<acc_t>* states, bool stored, const scalar_t* gwr, const RayGrad<acc_t>& rg,
+                               acc_t* go, Backprop& backprop) {
+  const int64_t S = c.S, D = c.D;
+  const scalar_t* gr = c.g_rgb + ray * D;
+  const acc_t tgt = c.target != nullptr ? static_cast<acc_t>(c.target[ray]) : acc_t(0);
+  bool touched = false;
+  // Sample x's output gradient from dL/dsigma = gsig and dL/drgb = kw * g_rgb, then backprop.
+  auto emit = [&](const SampleState<acc_t>& x, int64_t s, acc_t gsig, acc_t kw) {
+    go[0] = gsig;
+    bool any = gsig != acc_t(0);
+    for (int64_t k = 0; k < D; ++k) {
+      go[1 + k] = kw * static_cast<acc_t>(gr[k]) * rgb_activation_grad(x.o[1 + k]);
+      any = any || go[1 + k] != acc_t(0);
+    }
+    backprop(x, s, go, any);
+    touched = touched || any;
+  };
+  acc_t T = acc_t(1), prefix = acc_t(0), prev_gsm = acc_t(0), prev_kw = acc_t(0);
+  for (int64_t s = 0; s < S; ++s) {
+    SampleState<acc_t>& cur = states[stored ? s : (s & 1)];
+    if (!stored) recompute_sample(c, ray, b, s, cur, true);
+    cur.dc = acc_t(0);
+    for (int64_t k = 0; k < D; ++k) cur.dc += static_cast<acc_t>(gr[k]) * rgb_activation(cur.o[1 + k]);
+    if (s == 0) continue;
+    const SampleState<acc_t>& prev = states[stored ? s - 1 : ((s & 1) ^ 1)];
+    const acc_t delta = cur.z - prev.z, t_mid = acc_t(0.5) * (prev.z + cur.z);
+    const composite::Interval<acc_t> iv =
+        composite::interval<acc_t>(acc_t(0.5) * (prev.sigma + cur.sigma), delta, c.prm.density_bias);
+    const acc_t wi = iv.alpha * T;
+    acc_t G = acc_t(0.5) * (prev.dc + cur.dc) + rg.gd * t_mid + rg.base;
+    if (gwr != nullptr) G += static_cast<acc_t>(gwr[s - 1]);
+    prefix += wi * G;
+    acc_t gsm = interval_density_grad<acc_t>(iv, T, G, rg.total - prefix, delta);
+    acc_t kw = wi;
+    if (c.target != nullptr) {
+      const acc_t k = composite::depth_kernel<acc_t>(tgt, t_mid, c.prm);
+      gsm *= k;
+      kw *= k;
+    }
+    // sample s-1 now has both of its intervals: 0.5 (g_mid_{s-2} + g_mid_{s-1})
+    emit(prev, s - 1, acc_t(0.5) * (prev_gsm + gsm), acc_t(0.5) * (prev_kw + kw));
+    prev_gsm = gsm;
+    prev_kw = kw;
+    T *= iv.trans;
+  }
+  emit(states[stored ? S - 1 : ((S - 1) & 1)], S - 1, acc_t(0.5) * prev_gsm, acc_t(0.5) * prev_kw);
+  return touched;
 }
 
 }  // namespace render
