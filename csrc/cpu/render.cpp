@@ -24,10 +24,6 @@
 namespace g3dr {
 namespace render {
 
-struct Dims {
-  int64_t B, R, S, C, Hd, O;
-};
-
 // Argument checks shared with csrc/cuda/render.cu (declared there). Shapes in every message.
 Dims check_fwd_args(at::TensorList levels, const at::Tensor& rays_o, const at::Tensor& rays_d,
                     const at::Tensor& depths, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,

@@ -33,6 +33,12 @@ constexpr double kRgbPad = 1e-3;
 // Most pyramid levels the kernels take (levels are halved each time; 8 covers 128x128 -> 1x1).
 constexpr int kMaxLevels = 8;
 
+// Sizes seen at the op boundary (csrc/cpu/render.cpp checks them for both backends): B batch, R rays,
+// S samples per ray, C channels, Hd hidden units, O = 1 + D decoder outputs.
+struct Dims {
+  int64_t B, R, S, C, Hd, O;
+};
+
 // A pyramid of channels-last planes [B,3,H_l,W_l,C] (one pointer per level; data may be a gradient
 // buffer). batch_stride[l] = 3 * H_l * W_l * C.
 template <typename T>
