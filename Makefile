@@ -26,7 +26,9 @@ test: setup cmake-check
 	HF_HUB_OFFLINE=1 $(PY) -m pytest tests -q
 
 bench: setup
+	$(PIP) install -q matplotlib
 	$(PY) -m pytest benchmarks -q --benchmark-only
+	$(PY) benchmarks/plot.py
 
 # Builds the extension a second way, through CMakeLists.txt, so that file cannot rot.
 cmake-check: setup

@@ -8,6 +8,10 @@ through g3dr_kernels.sample_triplanes), so the comparison is like with like.
   CPU config:  B=2, C=32, 64x64 finest, 3 levels, 65,536 points per batch element.
   G3DR config (only with a GPU): B=8, C=64, 128x128, 3 levels, 1M points per image.
 
+Modes: "fwd" (no grad) and "fwd+bwd" (the shared harness's fwd_bwd: backward from a fixed upstream
+gradient allocated before the measurement, so the peak is the op's own: forward output, saved
+tensors, backward buffers).
+
 Run: PYTHONPATH=$PWD python -m pytest benchmarks/bench_sample.py --benchmark-only -q
 """
 from __future__ import annotations

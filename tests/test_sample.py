@@ -125,29 +125,48 @@ def test_non_contiguous_inputs(bd):
             assert_close(f"grad {name}", g_got[name], g_want[name], **TOL[torch.float32]["xyz"])
 
 
-@pytest.mark.parametrize("plane_axes", ["eg3d", "xyz"])
-@pytest.mark.parametrize("bd", BACKENDS)
-def test_outside_and_non_finite_points(bd, plane_axes):
-    """Points far outside read zeros; a NaN/inf coordinate acts like one far outside: the planes that
-    read it contribute nothing, the others sample as usual, and nothing is NaN."""
-    backend, device = bd
+def _check_points(backend, device, plane_axes, pts):
+    """Points given as a list of [x, y, z]; non-finite coordinates are expected to act like ones far
+    outside (1e3): the planes that read them contribute nothing, the others sample as usual."""
     g = torch.Generator().manual_seed(5)
     planes = torch.randn(1, 3, 4, 6, 5, generator=g).to(device).requires_grad_()
-    inf, nan = float("inf"), float("nan")
-    pts = [[5.0, 5.0, 5.0], [1.5, -1.5, 1.2], [1e30, -1e30, 0.1], [nan, 0.2, -0.3], [0.2, nan, -0.3],
-           [0.1, 0.4, inf], [-inf, 0.0, 0.0], [nan, nan, nan], [1.0, -1.0, 0.5], [0.3, -0.2, 0.7]]
     xyz = torch.tensor([pts], device=device).requires_grad_()
     far = torch.where(torch.isfinite(xyz), xyz, torch.full_like(xyz, 1e3)).detach().requires_grad_()
     got = gk.sample_triplanes(planes, xyz, levels=2, plane_axes=plane_axes, backend=backend)
     want = gk.sample_triplanes(planes, far, levels=2, plane_axes=plane_axes, backend="torch")
     assert torch.isfinite(got).all()
-    assert got[0, :3].abs().max() == 0 and got[0, 7].abs().max() == 0  # wholly outside or all-NaN
     assert_close("features", got, want, **TOL[torch.float32]["val"])
     g_got = grads([got], {"planes": planes, "xyz": xyz})
     g_want = grads([want], {"planes": planes, "xyz": far})
     assert torch.isfinite(g_got["planes"]).all() and torch.isfinite(g_got["xyz"]).all()
     for name in ("planes", "xyz"):
         assert_close(f"grad {name}", g_got[name], g_want[name], **TOL[torch.float32]["xyz"])
+    return got
+
+
+@pytest.mark.parametrize("plane_axes", ["eg3d", "xyz"])
+@pytest.mark.parametrize("bd", BACKENDS)
+def test_points_outside(bd, plane_axes):
+    """Far outside (also huge values, whose texel index would overflow an int) reads zeros; the box
+    edges +-1 and points just outside sample the border texels with zeros beyond."""
+    backend, device = bd
+    pts = [[5.0, 5.0, 5.0], [1.5, -1.5, 1.2], [1e30, -1e30, 0.1], [-1e35, 2e35, 3e35], [1.0, -1.0, 0.5],
+           [1.05, -1.05, 0.99], [0.3, -0.2, 0.7]]
+    got = _check_points(backend, device, plane_axes, pts)
+    assert got[0, :4].abs().max() == 0
+
+
+# Non-finite points on "cpu" and "cuda" (sample_math.h): zero features and zero gradients from the
+# planes that read a NaN/inf coordinate. (grid_sample, and so the "torch" reference, gives NaN.)
+@pytest.mark.parametrize("plane_axes", ["eg3d", "xyz"])
+@pytest.mark.parametrize("bd", WIDE_DTYPE_BACKENDS)
+def test_non_finite_points(bd, plane_axes):
+    backend, device = bd
+    inf, nan = float("inf"), float("nan")
+    pts = [[nan, 0.2, -0.3], [0.2, nan, -0.3], [0.1, 0.4, inf], [-inf, 0.0, 0.0], [nan, nan, nan],
+           [inf, -inf, nan], [0.3, -0.2, 0.7]]
+    got = _check_points(backend, device, plane_axes, pts)
+    assert got[0, 4:6].abs().max() == 0  # every coordinate non-finite
 
 
 # Plane p reads coordinates (a, b) of u (DESIGN.md): written out here, not taken from the package.
@@ -259,7 +278,9 @@ def test_cpu_baseline_isa_path():
             errs.append([out] + list(torch.autograd.grad(out.square().sum(), [planes, xyz])))
         print(max((a - b).abs().max().item() for a, b in zip(*errs)))
     """)
-    env = dict(os.environ, ATEN_CPU_CAPABILITY="default")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(gk.__file__)))  # the g3dr_kernels this run imports
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="default",
+               PYTHONPATH=os.pathsep.join([root] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
     res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert float(res.stdout.strip().splitlines()[-1]) < 5e-4  # the float32 xyz-gradient tolerance above

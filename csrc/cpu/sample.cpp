@@ -12,10 +12,11 @@
 // and the channel loops vectorise. That copy is the size of the planes, independent of N; no
 // per-level or per-plane [B,N,C] intermediates are made.
 //   forward:   parallel over points; each point reads all levels of all three planes.
-//   backward:  plane gradients parallel over (batch, plane, level): each task owns one H x W x C
-//              slice of a channels-last gradient buffer and walks all N points of its batch element,
-//              so there are no races and no atomics, and the sum order (ascending n) does not depend
-//              on the thread count: bitwise deterministic. The xyz gradient is a second pass,
+//   backward:  plane gradients parallel over (batch, plane, level): each task accumulates its plane
+//              into a per-thread channels-last H x W x C scratch, walking all N points of its batch
+//              element, then writes its own slice of the level's gradient; so there are no races and
+//              no atomics, and the sum order (ascending n) does not depend on the thread count:
+//              bitwise deterministic. The xyz gradient is a second pass,
 //              parallel over points (each point's gradient is its own), run only when asked.
 // float16/bfloat16 planes are accepted (computed in float32, result cast back), as on CUDA.
 #include <ATen/ATen.h>
@@ -101,15 +102,17 @@ bool use_avx2() {
 
 at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-// [B,3,C,H,W] -> contiguous [B,3,H,W,C] in `dtype` (one copy; none when C == 1 and the dtype matches).
+// [B,3,C,H,W] -> contiguous [B,3,H,W,C] in `dtype`: one copy (none when C == 1 and the dtype matches).
 at::Tensor channels_last(const at::Tensor& lv, at::ScalarType dtype) {
-  return lv.permute({0, 1, 3, 4, 2}).to(dtype).contiguous();
+  const at::Tensor view = lv.permute({0, 1, 3, 4, 2});
+  if (lv.scalar_type() == dtype) return view.contiguous();
+  return at::empty(view.sizes(), view.options().dtype(dtype)).copy_(view);
 }
 
 template <typename acc_t>
 struct LevelView {
   const acc_t* data;  // [B,3,H,W,C] (unused by the plane-gradient pass)
-  acc_t* grad;        // [B,3,H,W,C] gradient buffer (plane-gradient pass only)
+  acc_t* grad;        // [B,3,C,H,W] level gradient (plane-gradient pass only)
   int64_t H, W;
 };
 
@@ -138,18 +141,6 @@ G3DR_FORCE_INLINE void axpy4(acc_t* __restrict__ acc, const acc_t* __restrict__ 
 template <typename acc_t>
 G3DR_FORCE_INLINE void axpy(acc_t* __restrict__ dst, const acc_t* __restrict__ src, acc_t w, int64_t C) {
   for (int64_t c = 0; c < C; ++c) dst[c] += w * src[c];
-}
-
-// <a, b> with 8 independent partial sums (a reduction the compiler can vectorise without reassociating).
-template <typename acc_t>
-G3DR_FORCE_INLINE acc_t dot(const acc_t* __restrict__ a, const acc_t* __restrict__ b, int64_t C) {
-  acc_t s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t c = 0;
-  for (; c + 8 <= C; c += 8)
-    for (int j = 0; j < 8; ++j) s[j] += a[c + j] * b[c + j];
-  acc_t r = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
-  for (; c < C; ++c) r += a[c] * b[c];
-  return r;
 }
 
 template <typename acc_t>
@@ -184,14 +175,18 @@ G3DR_FORCE_INLINE void forward_points(const Args<acc_t>& A, int64_t begin, int64
   }
 }
 
-// Plane gradients of task (b, p, l): grad_out * weight / 3 into its own H x W x C slice, points in order.
+// Plane gradients of task (b, p, l): grad_out * weight / 3 accumulated, points in order, into a
+// channels-last H x W x C scratch owned by the calling thread, then transposed into the task's own
+// [C,H,W] slice of the level's gradient (every element written, so the output needs no zeroing).
 template <typename acc_t>
-G3DR_FORCE_INLINE void plane_grad_task(const Args<acc_t>& A, int64_t task) {
+G3DR_FORCE_INLINE void plane_grad_task(const Args<acc_t>& A, int64_t task, std::vector<acc_t>& scratch) {
   const acc_t third = acc_t(1) / acc_t(3);
   const int64_t C = A.C, l = task % A.L, bp = task / A.L, b = bp / 3;
   const int p = static_cast<int>(bp % 3);
   const LevelView<acc_t>& V = A.lv[l];
-  acc_t* g_plane = V.grad + bp * V.H * V.W * C;
+  const int64_t HW = V.H * V.W;
+  scratch.assign(HW * C, acc_t(0));
+  acc_t* g_plane = scratch.data();
   for (int64_t n = 0; n < A.N; ++n) {
     const int64_t i = b * A.N + n;
     acc_t u[3];
@@ -204,11 +199,22 @@ G3DR_FORCE_INLINE void plane_grad_task(const Args<acc_t>& A, int64_t task) {
     for (int k = 0; k < 4; ++k)
       if (t.idx[k] >= 0) axpy(g_plane + t.idx[k] * C, g, t.w[k] * third, C);
   }
+  // [HW, C] -> [C, HW] in blocks of texels, so the reads of a block stay in L1.
+  acc_t* dst = V.grad + bp * C * HW;
+  constexpr int64_t kBlock = 64;
+  for (int64_t t0 = 0; t0 < HW; t0 += kBlock) {
+    const int64_t t1 = std::min(HW, t0 + kBlock);
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t t = t0; t < t1; ++t) dst[c * HW + t] = g_plane[t * C + c];
+  }
 }
 
-// xyz gradient of points [begin, end): every level of every plane.
+// xyz gradient of points [begin, end): every level of every plane. Per channel block of 8, the
+// corner rows are combined with the coordinate weights of the tap (tap_coord_weights) and multiplied
+// by grad_out into 8 partial sums per coordinate, reduced once per point (no per-corner dot products).
 template <typename acc_t>
 G3DR_FORCE_INLINE void xyz_grad_points(const Args<acc_t>& A, int64_t begin, int64_t end) {
+  constexpr int V = 8;
   const acc_t third = acc_t(1) / acc_t(3);
   const int64_t C = A.C;
   for (int64_t i = begin; i < end; ++i) {
@@ -216,21 +222,44 @@ G3DR_FORCE_INLINE void xyz_grad_points(const Args<acc_t>& A, int64_t begin, int6
     acc_t u[3];
     scaled_point(A, i, u);
     const acc_t* g = A.grad + i * C;
-    acc_t gu[3] = {0, 0, 0};
+    acc_t G[3][V] = {};
     for (int64_t l = 0; l < A.L; ++l) {
-      const LevelView<acc_t>& V = A.lv[l];
+      const LevelView<acc_t>& L = A.lv[l];
       for (int p = 0; p < 3; ++p) {
         acc_t a, bb;
         plane_uv(u, A.plane_axes, p, a, bb);
         BilinearTap<acc_t> t;
-        if (!bilinear_tap(a, bb, V.H, V.W, t)) continue;
-        const acc_t* base = V.data + (b * 3 + p) * V.H * V.W * C;
-        acc_t s[4];
-        for (int k = 0; k < 4; ++k) s[k] = t.idx[k] >= 0 ? third * dot(g, base + t.idx[k] * C, C) : acc_t(0);
-        accumulate_uv_grad(t, s, A.plane_axes, p, V.H, V.W, gu);
+        if (!bilinear_tap(a, bb, L.H, L.W, t)) continue;
+        acc_t da[4], db[4];
+        tap_coord_weights(t, L.H, L.W, third, da, db);
+        const acc_t* base = L.data + (b * 3 + p) * L.H * L.W * C;
+        const acc_t* r[4];
+        for (int k = 0; k < 4; ++k) r[k] = t.idx[k] >= 0 ? base + t.idx[k] * C : A.zeros;
+        acc_t sa[V] = {}, sb[V] = {};
+        int64_t c = 0;
+        for (; c + V <= C; c += V)
+          for (int j = 0; j < V; ++j) {
+            const acc_t v0 = r[0][c + j], v1 = r[1][c + j], v2 = r[2][c + j], v3 = r[3][c + j];
+            sa[j] += g[c + j] * (da[0] * v0 + da[1] * v1 + da[2] * v2 + da[3] * v3);
+            sb[j] += g[c + j] * (db[0] * v0 + db[1] * v1 + db[2] * v2 + db[3] * v3);
+          }
+        for (; c < C; ++c) {
+          const acc_t v0 = r[0][c], v1 = r[1][c], v2 = r[2][c], v3 = r[3][c];
+          sa[0] += g[c] * (da[0] * v0 + da[1] * v1 + da[2] * v2 + da[3] * v3);
+          sb[0] += g[c] * (db[0] * v0 + db[1] * v1 + db[2] * v2 + db[3] * v3);
+        }
+        int ia, ib;
+        plane_coord_index(A.plane_axes, p, ia, ib);
+        for (int j = 0; j < V; ++j) {
+          G[ia][j] += sa[j];
+          G[ib][j] += sb[j];
+        }
       }
     }
-    for (int k = 0; k < 3; ++k) A.out[i * 3 + k] = gu[k] * A.scale;
+    for (int k = 0; k < 3; ++k) {
+      const acc_t* q = G[k];
+      A.out[i * 3 + k] = (((q[0] + q[1]) + (q[2] + q[3])) + ((q[4] + q[5]) + (q[6] + q[7]))) * A.scale;
+    }
   }
 }
 
@@ -251,7 +280,8 @@ G3DR_FORCE_INLINE void xyz_grad_points(const Args<acc_t>& A, int64_t begin, int6
 #endif
 
 G3DR_SAMPLE_VARIANTS(forward, forward_points(A, begin, end))
-G3DR_SAMPLE_VARIANTS(plane_grad, for (int64_t task = begin; task < end; ++task) plane_grad_task(A, task))
+G3DR_SAMPLE_VARIANTS(plane_grad, std::vector<acc_t> scratch;
+                     for (int64_t task = begin; task < end; ++task) plane_grad_task(A, task, scratch))
 G3DR_SAMPLE_VARIANTS(xyz_grad, xyz_grad_points(A, begin, end))
 
 template <typename acc_t>
@@ -269,14 +299,19 @@ std::vector<at::Tensor> channels_last_levels(at::TensorList levels, at::ScalarTy
   return cl;
 }
 
+// Views of channels-last levels [B,3,H,W,C] (forward, xyz gradient) ...
 template <typename acc_t>
-std::vector<LevelView<acc_t>> level_views(const std::vector<at::Tensor>& cl, const std::vector<at::Tensor>& grad) {
+std::vector<LevelView<acc_t>> data_views(const std::vector<at::Tensor>& cl) {
   std::vector<LevelView<acc_t>> v;
-  for (size_t l = 0; l < std::max(cl.size(), grad.size()); ++l) {
-    const at::Tensor& t = l < cl.size() ? cl[l] : grad[l];
-    v.push_back({l < cl.size() ? cl[l].data_ptr<acc_t>() : nullptr,
-                 l < grad.size() ? grad[l].data_ptr<acc_t>() : nullptr, t.size(2), t.size(3)});
-  }
+  for (const auto& t : cl) v.push_back({t.data_ptr<acc_t>(), nullptr, t.size(2), t.size(3)});
+  return v;
+}
+
+// ... and of level gradients [B,3,C,H,W] (plane-gradient pass).
+template <typename acc_t>
+std::vector<LevelView<acc_t>> grad_views(const std::vector<at::Tensor>& grad) {
+  std::vector<LevelView<acc_t>> v;
+  for (const auto& t : grad) v.push_back({nullptr, t.data_ptr<acc_t>(), t.size(3), t.size(4)});
   return v;
 }
 
@@ -289,7 +324,7 @@ at::Tensor sample_fwd_cpu(at::TensorList levels, const at::Tensor& xyz_in, doubl
   at::Tensor out = at::empty({B, N, C}, xyz.options());
   const at::Tensor zeros = at::zeros({C}, xyz.options());
   AT_DISPATCH_FLOATING_TYPES(acc, "sample_fwd_cpu", [&] {
-    const auto lv = level_views<scalar_t>(cl, {});
+    const auto lv = data_views<scalar_t>(cl);
     const Args<scalar_t> A{lv.data(), static_cast<int64_t>(lv.size()), B, N, C, xyz.data_ptr<scalar_t>(), nullptr,
                            out.data_ptr<scalar_t>(), zeros.data_ptr<scalar_t>(), static_cast<scalar_t>(scale),
                            static_cast<int>(plane_axes)};
@@ -308,29 +343,29 @@ std::vector<at::Tensor> sample_bwd_cpu(const at::Tensor& grad_in, at::TensorList
   const int64_t L = static_cast<int64_t>(levels.size());
   const at::Tensor xyz = xyz_in.to(acc).contiguous();
   const at::Tensor grad = grad_in.to(acc).contiguous();
-  std::vector<at::Tensor> gcl;  // channels-last gradient buffers [B,3,H,W,C]
-  for (const auto& lv : levels) gcl.push_back(at::zeros({B, 3, lv.size(3), lv.size(4), C}, xyz.options()));
+  std::vector<at::Tensor> gout;  // level gradients [B,3,C,H,W] in the accumulation type
+  for (const auto& lv : levels) gout.push_back(at::empty(lv.sizes(), xyz.options()));
   at::Tensor gxyz = need_xyz_grad ? at::empty({B, N, 3}, xyz.options()) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(acc, "sample_bwd_cpu", [&] {
     const auto s = static_cast<scalar_t>(scale);
     const auto pa = static_cast<int>(plane_axes);
     {
-      const auto lv = level_views<scalar_t>({}, gcl);
+      const auto lv = grad_views<scalar_t>(gout);
       const Args<scalar_t> A{lv.data(), L, B, N, C, xyz.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(), nullptr,
                              nullptr, s, pa};
       run_pass<scalar_t>(plane_grad_base<scalar_t>, plane_grad_avx2<scalar_t>, A, B * 3 * L, 1);
     }
     if (need_xyz_grad) {
       const std::vector<at::Tensor> cl = channels_last_levels(levels, acc);
-      const auto lv = level_views<scalar_t>(cl, {});
+      const auto lv = data_views<scalar_t>(cl);
+      const at::Tensor zeros = at::zeros({C}, xyz.options());
       const Args<scalar_t> A{lv.data(), L, B, N, C, xyz.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(),
-                             gxyz.data_ptr<scalar_t>(), nullptr, s, pa};
+                             gxyz.data_ptr<scalar_t>(), zeros.data_ptr<scalar_t>(), s, pa};
       run_pass<scalar_t>(xyz_grad_base<scalar_t>, xyz_grad_avx2<scalar_t>, A, B * N, kPointGrain);
     }
   });
   std::vector<at::Tensor> result;
-  for (size_t l = 0; l < levels.size(); ++l)
-    result.push_back(at::empty(levels[l].sizes(), levels[l].options()).copy_(gcl[l].permute({0, 1, 4, 2, 3})));
+  for (size_t l = 0; l < levels.size(); ++l) result.push_back(gout[l].to(levels[l].scalar_type()));
   result.push_back(need_xyz_grad ? gxyz.to(xyz_in.scalar_type()) : at::empty({0}, xyz_in.options()));
   return result;
 }

@@ -136,7 +136,7 @@ __global__ void __launch_bounds__(kThreads)
               }
             }
             // Linear in s, so each lane may add the part from its own channels.
-            if (need_xyz_grad) accumulate_uv_grad(t, s, plane_axes, p, H, W, gu);
+            if (need_xyz_grad) accumulate_uv_grad(t, s, plane_axes, p, H, W, acc_t(1), gu);
           }
         }
       }

@@ -9,7 +9,8 @@
 // where corners outside the plane read 0. The op's output is sum over levels of the mean over planes.
 //
 // Non-finite coordinates (NaN/inf in xyz) and points far outside are "all corners outside": they
-// contribute 0 to the features and get 0 gradient (grid_sample would give NaN for NaN coordinates).
+// contribute 0 to the features and get 0 gradient (grid_sample, and so the "torch" reference, gives
+// NaN for NaN or infinite coordinates).
 #pragma once
 
 #include <cmath>
@@ -19,14 +20,22 @@
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define G3DR_UNROLL _Pragma("unroll")
+#define G3DR_HDI G3DR_HD
 #else
 #define G3DR_UNROLL _Pragma("GCC unroll 4")
+// Forced inline on the host: the CPU kernels are compiled per ISA (AVX2 and baseline), and a helper
+// left out of line would run the baseline code from inside the AVX2 kernel.
+#if defined(__GNUC__)
+#define G3DR_HDI inline __attribute__((always_inline))
+#else
+#define G3DR_HDI inline
+#endif
 #endif
 
 namespace g3dr {
 
 template <typename T>
-G3DR_HD T floor_(T x) {
+G3DR_HDI T floor_(T x) {
 #ifdef __CUDA_ARCH__
   return floor(x);  // CUDA's float/double overloads
 #else
@@ -42,20 +51,27 @@ struct BilinearTap {
   acc_t tx, ty;    // fractional parts of ix, iy (for the coordinate gradient)
 };
 
+// v[k] for k in {0, 1, 2} by selects, not by a runtime index, so that on the GPU a 3-vector stays in
+// registers instead of going to local memory.
+template <typename acc_t>
+G3DR_HDI acc_t pick3(const acc_t* v, int k) {
+  return k == 0 ? v[0] : (k == 1 ? v[1] : v[2]);
+}
+
 // The plane coordinates (a, b) that plane p reads from u [3].
 template <typename acc_t>
-G3DR_HD void plane_uv(const acc_t* u, int plane_axes, int p, acc_t& a, acc_t& b) {
+G3DR_HDI void plane_uv(const acc_t* u, int plane_axes, int p, acc_t& a, acc_t& b) {
   int ia, ib;
   plane_coord_index(plane_axes, p, ia, ib);
-  a = u[ia];
-  b = u[ib];
+  a = pick3(u, ia);
+  b = pick3(u, ib);
 }
 
 // Fills `t` for normalised plane coordinates (a, b) on an H x W plane. Returns false when no corner
 // is inside (then `t` holds idx -1 and weight 0 everywhere); NaN/inf coordinates land here too. The
 // range test runs in floating point before any float->int conversion, so huge values are safe.
 template <typename acc_t>
-G3DR_HD bool bilinear_tap(acc_t a, acc_t b, int64_t H, int64_t W, BilinearTap<acc_t>& t) {
+G3DR_HDI bool bilinear_tap(acc_t a, acc_t b, int64_t H, int64_t W, BilinearTap<acc_t>& t) {
   const acc_t ix = ((a + acc_t(1)) * acc_t(W) - acc_t(1)) / acc_t(2);
   const acc_t iy = ((b + acc_t(1)) * acc_t(H) - acc_t(1)) / acc_t(2);
   // A corner can be inside only when -1 <= ix < W (and likewise iy); written so NaN fails it.
@@ -91,7 +107,7 @@ G3DR_UNROLL
 // d w_k / d ix and d w_k / d iy for the corners of `t` (including corners outside: their value is 0,
 // so whatever multiplies them vanishes; this is grid_sample's gradient with zeros padding).
 template <typename acc_t>
-G3DR_HD void bilinear_weight_grads(const BilinearTap<acc_t>& t, acc_t dwdx[4], acc_t dwdy[4]) {
+G3DR_HDI void bilinear_weight_grads(const BilinearTap<acc_t>& t, acc_t dwdx[4], acc_t dwdy[4]) {
   const acc_t tx = t.tx, ty = t.ty;
   dwdx[0] = -(acc_t(1) - ty);
   dwdx[1] = acc_t(1) - ty;
@@ -103,25 +119,40 @@ G3DR_HD void bilinear_weight_grads(const BilinearTap<acc_t>& t, acc_t dwdx[4], a
   dwdy[3] = tx;
 }
 
-// Adds the coordinate gradient of one tap to gu [3]: s[k] = <grad_out, value of corner k> (0 for a
-// corner outside), already multiplied by the plane weight (1/3). Chain rule:
-// ix = ((a + 1) W - 1) / 2 -> d ix / d a = W / 2, and a = u[ia] = xyz[ia] * scale (scale applied by
-// the caller once per point).
+// d w_k / d a and d w_k / d b: the chain rule through ix = ((a + 1) W - 1) / 2 (d ix / d a = W / 2)
+// and iy = ((b + 1) H - 1) / 2, times `factor` (the plane weight 1/3 in the kernels).
 template <typename acc_t>
-G3DR_HD void accumulate_uv_grad(const BilinearTap<acc_t>& t, const acc_t s[4], int plane_axes, int p, int64_t H,
-                                int64_t W, acc_t* gu) {
+G3DR_HDI void tap_coord_weights(const BilinearTap<acc_t>& t, int64_t H, int64_t W, acc_t factor, acc_t dwda[4],
+                                acc_t dwdb[4]) {
   acc_t dwdx[4], dwdy[4];
   bilinear_weight_grads(t, dwdx, dwdy);
-  acc_t gx = acc_t(0), gy = acc_t(0);
+  const acc_t fa = factor * acc_t(W) / acc_t(2), fb = factor * acc_t(H) / acc_t(2);
 G3DR_UNROLL
   for (int k = 0; k < 4; ++k) {
-    gx += s[k] * dwdx[k];
-    gy += s[k] * dwdy[k];
+    dwda[k] = dwdx[k] * fa;
+    dwdb[k] = dwdy[k] * fb;
+  }
+}
+
+// Adds the coordinate gradient of one tap to gu [3] (w.r.t. u = xyz * scale; the caller multiplies by
+// scale once per point): s[k] = <grad_out, value of corner k> (0 for a corner outside), and
+// gu[ia] += sum_k s[k] dwda[k] * factor, gu[ib] += sum_k s[k] dwdb[k] * factor, (ia, ib) the
+// coordinates plane p reads.
+template <typename acc_t>
+G3DR_HDI void accumulate_uv_grad(const BilinearTap<acc_t>& t, const acc_t s[4], int plane_axes, int p, int64_t H,
+                                 int64_t W, acc_t factor, acc_t* gu) {
+  acc_t dwda[4], dwdb[4];
+  tap_coord_weights(t, H, W, factor, dwda, dwdb);
+  acc_t ga = acc_t(0), gb = acc_t(0);
+G3DR_UNROLL
+  for (int k = 0; k < 4; ++k) {
+    ga += s[k] * dwda[k];
+    gb += s[k] * dwdb[k];
   }
   int ia, ib;
   plane_coord_index(plane_axes, p, ia, ib);
-  gu[ia] += gx * acc_t(W) / acc_t(2);
-  gu[ib] += gy * acc_t(H) / acc_t(2);
+G3DR_UNROLL
+  for (int m = 0; m < 3; ++m) gu[m] += (m == ia ? ga : acc_t(0)) + (m == ib ? gb : acc_t(0));
 }
 
 }  // namespace g3dr

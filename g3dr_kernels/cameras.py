@@ -1,0 +1,73 @@
+"""Cameras and rays in G3DR's (EG3D's) conventions: camera-to-world 4x4 matrices in the OpenCV
+frame (x right, y down, z forward), normalised intrinsics (focal length and principal point in
+units of the image size), one ray per pixel centre, unit-length directions."""
+from __future__ import annotations
+
+import math
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+
+
+def fov_to_intrinsics(fov_degrees: float, eg3d_compat: bool = False, device=None,
+                      dtype=torch.float32) -> torch.Tensor:
+    """Normalised intrinsics [3,3] for a square image with the given field of view (degrees).
+    eg3d_compat=True reproduces EG3D's FOV_to_intrinsics, whose focal length carries an extra 1/1.414
+    (its 'fov' is then the diagonal-ish angle its checkpoints were trained with)."""
+    if not 0 < fov_degrees < 180:
+        raise ValueError(f"fov_degrees must be in (0, 180), got {fov_degrees}")
+    t = math.tan(math.radians(fov_degrees) / 2)
+    f = 1 / (t * 1.414) if eg3d_compat else 0.5 / t
+    return torch.tensor([[f, 0, 0.5], [0, f, 0.5], [0, 0, 1]], device=device, dtype=dtype)
+
+
+def look_at(eye: torch.Tensor, target: torch.Tensor | None = None, up: Tuple[float, float, float] = (0, 1, 0)
+            ) -> torch.Tensor:
+    """eye [B,3] (and target [B,3], default origin) -> camera-to-world [B,4,4], OpenCV frame.
+    `up` is the world direction that appears upwards in the image."""
+    if eye.dim() != 2 or eye.shape[-1] != 3:
+        raise ValueError(f"eye must be [B,3], got {tuple(eye.shape)}")
+    target = torch.zeros_like(eye) if target is None else target
+    z = F.normalize(target - eye, dim=-1)
+    upv = torch.tensor(up, dtype=eye.dtype, device=eye.device).expand_as(z)
+    x = F.normalize(torch.cross(z, upv, dim=-1), dim=-1)
+    y = torch.cross(z, x, dim=-1)
+    c2w = torch.eye(4, dtype=eye.dtype, device=eye.device).repeat(eye.shape[0], 1, 1)
+    c2w[:, :3, 0], c2w[:, :3, 1], c2w[:, :3, 2], c2w[:, :3, 3] = x, y, z, eye
+    return c2w
+
+
+def orbit_cameras(n: int, radius: float = 2.7, elevation_deg: float = 15.0, device=None,
+                  dtype=torch.float32) -> torch.Tensor:
+    """A turntable: n camera-to-world matrices [n,4,4] on a circle around the y axis, `elevation_deg`
+    above the xz plane (+y is up in the images), looking at the origin."""
+    az = torch.arange(n, dtype=dtype, device=device) * (2 * math.pi / n)
+    el = math.radians(elevation_deg)
+    eye = torch.stack([radius * math.cos(el) * torch.sin(az), torch.full_like(az, radius * math.sin(el)),
+                       -radius * math.cos(el) * torch.cos(az)], dim=-1)
+    return look_at(eye)
+
+
+def camera_rays(cam2world: torch.Tensor, intrinsics: torch.Tensor, height: int, width: int | None = None
+                ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """cam2world [B,4,4], intrinsics [3,3] or [B,3,3] (normalised) -> rays_o, rays_d [B, H*W, 3],
+    row-major over pixels (row 0 is the image top), directions unit length."""
+    width = height if width is None else width
+    if cam2world.dim() != 3 or cam2world.shape[-2:] != (4, 4):
+        raise ValueError(f"cam2world must be [B,4,4], got {tuple(cam2world.shape)}")
+    if height < 1 or width < 1:
+        raise ValueError(f"image size must be positive, got {height}x{width}")
+    B = cam2world.shape[0]
+    K = intrinsics.expand(B, 3, 3) if intrinsics.dim() == 2 else intrinsics
+    dev, dt = cam2world.device, cam2world.dtype
+    v, u = torch.meshgrid((torch.arange(height, device=dev, dtype=dt) + 0.5) / height,
+                          (torch.arange(width, device=dev, dtype=dt) + 0.5) / width, indexing="ij")
+    u, v = u.reshape(1, -1), v.reshape(1, -1)
+    fx, fy, cx, cy, sk = K[:, 0, 0:1], K[:, 1, 1:2], K[:, 0, 2:3], K[:, 1, 2:3], K[:, 0, 1:2]
+    x = (u - cx + cy * sk / fy - sk * v / fy) / fx
+    y = (v - cy) / fy
+    dirs_cam = torch.stack([x, y, torch.ones_like(x)], dim=-1)  # [B, HW, 3]
+    rays_d = F.normalize(dirs_cam @ cam2world[:, :3, :3].transpose(1, 2), dim=-1)
+    rays_o = cam2world[:, None, :3, 3].expand_as(rays_d)
+    return rays_o.contiguous(), rays_d.contiguous()
