@@ -134,7 +134,8 @@ def test_many_rays_per_batch(backend_device):
     """Enough rays that the CPU backward splits a batch element over several chunks (each with its own
     plane-gradient buffer); S large enough for saturated intervals."""
     backend, device = backend_device
-    inp = _inputs(B=1, R=300, S=24, C=4, hidden=16, D=3, sizes=((8, 8), (4, 4)), seed=3)
+    slow = device == "cpu" and backend == "triton"  # the Triton interpreter: fewer rays, same saturation
+    inp = _inputs(B=1, R=32 if slow else 300, S=24, C=4, hidden=16, D=3, sizes=((8, 8), (4, 4)), seed=3)
     inp["b2"][0] += 4.0  # dense: alpha -> 1 on many intervals
     _compare(backend, device, torch.float32, inp)
 
