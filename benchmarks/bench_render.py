@@ -13,7 +13,8 @@ Configs (all with a target depth, so the depth-kernel scaling runs; decoder hidd
                 B=8 (a [B*3, C, N] grid_sample output alone is 6.4 GB per level), so they run this
                 configuration at B=2 ("g3dr-mem B2") next to the fused kernels at B=8 and at B=2.
   g3dr (GPU)    B=8, the G3DR configuration, time and memory, only when CUDA is available.
-The fwd+bwd loss is the harness's: sum over outputs of mean(o^2).
+fwd+bwd is the harness's: backward from fixed random upstream gradients on every output returned
+(with the weights in the "cpu" config, so the kernels' weights-gradient path runs).
 
 Run: PYTHONPATH=$PWD python -m pytest benchmarks/bench_render.py --benchmark-only -q
      (-k "cpu and not g3dr" for the quick CPU cases; the g3dr-mem cases take minutes)
