@@ -22,6 +22,8 @@ from g3dr_kernels import DepthKernel, reference
 from _util import HAS_CUDA, backend_params, grads
 
 BACKENDS = backend_params("render")
+cpu_only = pytest.mark.skipif(not gk._backend.has_kernel("render", "cpu"),
+                              reason="the C++ extension with the render kernel is not built")
 OUTPUTS = ("rgb", "depth", "opacity", "weights")
 PARAMS = ("w1", "b1", "w2", "b2")
 
@@ -140,6 +142,7 @@ def test_many_rays_per_batch(backend_device):
     _compare(backend, device, torch.float32, inp)
 
 
+@cpu_only
 def test_depth_kernel_scales_gradients():
     """With a target, only the gradients change (forward values are the same) and they match the
     reference's scaling; a kernel that is 1 everywhere gives the unscaled gradients."""
@@ -154,6 +157,22 @@ def test_depth_kernel_scales_gradients():
         assert (scaled[k] - no_t[k]).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("backend_device", BACKENDS)
+def test_nan_in_planes_reaches_the_same_rays(backend_device):
+    """A NaN texel makes exactly the rays that read it NaN, as in the reference."""
+    backend, device = backend_device
+    if backend == "triton":  # seen on the interpreter at the time of writing; not run on a GPU yet
+        pytest.xfail("the Triton render kernel turns NaN plane values into finite outputs")
+    inp = _inputs(B=1, R=24, S=6, C=3, hidden=16, D=3, sizes=((6, 6),), miss=0.0)
+    inp["planes"][0][0, 1, 2, 3, 2] = float("nan")
+    ref = _run("torch", inp, torch.float32, "cpu", return_weights=False)
+    got = _run(backend, inp, torch.float32, device, return_weights=False)
+    for k in ("rgb", "depth", "opacity"):
+        assert torch.equal(torch.isnan(got[k]).cpu(), torch.isnan(ref[k])), k
+    assert torch.isnan(ref["depth"]).any() and not torch.isnan(ref["depth"]).all()
+
+
+@cpu_only
 def test_deterministic():
     inp = _inputs(B=1, R=200, S=8, C=4, hidden=16, D=3, sizes=((8, 8),))
     a = _run("cpu", inp, torch.float32, "cpu")
@@ -162,6 +181,7 @@ def test_deterministic():
         assert torch.equal(a[k], b[k]), k
 
 
+@cpu_only
 def test_gradcheck_float64():
     inp = _inputs(B=1, R=3, S=4, C=2, hidden=4, D=2, sizes=((4, 3), (2, 2)), target=False, miss=0.0)
     planes = [p.clone().requires_grad_(True) for p in inp["planes"]]
@@ -185,6 +205,7 @@ def _op_args(dtype=torch.float32, target=True, need_weights=True):
             k.c_min, k.c_max, -1.0, 1e-3, False, need_weights, "cpu")
 
 
+@cpu_only
 @pytest.mark.parametrize("target", [True, False])
 def test_opcheck(target):
     from g3dr_kernels.ops import render as ops
@@ -199,6 +220,7 @@ def test_opcheck(target):
     torch.library.opcheck(ops.render_bwd, bwd_args)
 
 
+@cpu_only
 def test_torch_compile_fullgraph():
     inp = _inputs(B=1, R=6, S=5, C=3, hidden=8, D=3, sizes=((6, 6), (3, 3)))
     dec = {k: inp[k].float().requires_grad_(True) for k in PARAMS}
@@ -244,6 +266,7 @@ def _saved_per_sample(backend, B=1, R=64, S=32):
     return big
 
 
+@cpu_only
 def test_fused_backward_saves_no_per_sample_tensor():
     assert _saved_per_sample("cpu") == []
 
@@ -253,6 +276,7 @@ def test_reference_saves_per_sample_tensors():
     assert len(_saved_per_sample("torch")) > 0
 
 
+@cpu_only
 def test_bad_arguments_raise_with_shapes():
     args = list(_op_args())
     args[3] = args[3][:, :, :1]  # S = 1

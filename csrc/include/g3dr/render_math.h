@@ -142,7 +142,7 @@ G3DR_HD float float_of(int32_t i) {
 //        relative on |r| <= ln2/2), times 2^n built in the exponent bits; t clamped at -87 (no denormals)
 //   log1p(y) = 2 atanh(s), s = y / (2 + y) in (0, 1/3]: odd series to s^15 (next term < 2e-9 relative)
 // Above x = 20 this gives x exactly in float (log1p(y) < ulp(20)/2), as torch's threshold does.
-// softplus'(x) = sigmoid(x) = 1 / (1 + y) for x >= 0, y / (1 + y) below. NaN is not preserved.
+// softplus'(x) = sigmoid(x) = 1 / (1 + y) for x >= 0, y / (1 + y) below. softplus(NaN) is NaN.
 template <bool kGrad>
 inline void softplus_f32(const float* __restrict__ a, float* __restrict__ h, float* __restrict__ dh, int n) {
   const int32_t kClamp = detail::bits_of(87.f), kOne = detail::bits_of(1.f);
@@ -175,7 +175,9 @@ inline void softplus_f32(const float* __restrict__ a, float* __restrict__ h, flo
     q = q * z + 1.f / 5.f;
     q = q * z + 1.f / 3.f;
     q = q * z + 1.f;
-    h[j] = detail::float_of(xb & ~neg) + 2.f * s * q;
+    const int32_t nan = (0x7f800000 - ab) >> 31;  // all ones for NaN: passed through as torch does
+    const int32_t hb = detail::bits_of(detail::float_of(xb & ~neg) + 2.f * s * q);
+    h[j] = detail::float_of((hb & ~nan) | (xb & nan));
     if (kGrad) dh[j] = detail::float_of((kOne & ~neg) | (detail::bits_of(y) & neg)) / (1.f + y);
   }
 }
