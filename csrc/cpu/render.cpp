@@ -1,8 +1,8 @@
 // Fully fused renderer (points -> multi-resolution triplane sampling -> decoder -> composite): op
-// schemas and the CPU kernels. Contract: g3dr_kernels/ops/render.py. Per-sample math lives in
-// csrc/include/g3dr/render_math.h (with sample_math.h and composite_math.h), shared with
-// csrc/cuda/render.cu; this file checks arguments, lays the planes out channels-last and runs chunks of
-// rays per thread with at::parallel_for.
+// schemas and the CPU kernels. Contract: g3dr_kernels/ops/render.py. The per-sample math and the
+// per-ray loops live in csrc/include/g3dr/render_math.h (with sample_math.h and composite_math.h),
+// shared with csrc/cuda/render.cu; this file checks arguments, lays the planes out channels-last and
+// runs chunks of rays per thread with at::parallel_for.
 //
 // Memory: nothing of size B x R x S is ever allocated. The forward writes per-ray outputs (and the
 // weights when asked); the backward recomputes every sample once, streaming along each ray (see
