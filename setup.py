@@ -30,8 +30,10 @@ def extensions():
     kw = dict(include_dirs=[str(p) for p in S.INCLUDE_DIRS])
     if with_cuda:
         return [CUDAExtension(S.EXT_NAME, srcs, define_macros=[("G3DR_WITH_CUDA", "1")],
-                              extra_compile_args={"cxx": S.CXX_FLAGS, "nvcc": S.NVCC_FLAGS}, **kw)]
-    return [CppExtension(S.EXT_NAME, srcs, extra_compile_args={"cxx": S.CXX_FLAGS}, **kw)]
+                              extra_compile_args={"cxx": S.CXX_FLAGS, "nvcc": S.NVCC_FLAGS},
+                              extra_link_args=S.LINK_FLAGS, **kw)]
+    return [CppExtension(S.EXT_NAME, srcs, extra_compile_args={"cxx": S.CXX_FLAGS}, extra_link_args=S.LINK_FLAGS,
+                         **kw)]
 
 
 setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)})

@@ -15,7 +15,11 @@ CSRC = Path(__file__).resolve().parent
 ROOT = CSRC.parent
 EXT_NAME = "g3dr_kernels._C"
 INCLUDE_DIRS = [CSRC / "include"]
-CXX_FLAGS = ["-O3"]  # the C++ standard is the one torch requires (C++20 for torch 2.15)
+# OpenMP: at::parallel_for is inline code that runs serially unless the extension itself is compiled
+# with OpenMP (torch's CPU backend is OpenMP; it ships libgomp.so.1, so linking it loads nothing new).
+OPENMP_FLAGS = ["-fopenmp"] if sys.platform.startswith("linux") else []
+CXX_FLAGS = ["-O3"] + OPENMP_FLAGS  # the C++ standard is the one torch requires (C++20 for torch 2.15)
+LINK_FLAGS = OPENMP_FLAGS
 NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
 # Architectures compiled when TORCH_CUDA_ARCH_LIST is unset: Ampere and Hopper (H100/H200).
 DEFAULT_CUDA_ARCHS = "8.0;9.0"
@@ -66,6 +70,8 @@ if __name__ == "__main__":
         print(";".join(str(p) for p in cuda_sources()), end="")
     elif what == "--cxx-flags":
         print(";".join(CXX_FLAGS), end="")
+    elif what == "--link-flags":
+        print(";".join(LINK_FLAGS), end="")
     elif what == "--nvcc-flags":
         print(";".join(NVCC_FLAGS), end="")
     elif what == "--archs":

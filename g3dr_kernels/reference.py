@@ -151,7 +151,7 @@ def render_triplanes(planes, rays_o: torch.Tensor, rays_d: torch.Tensor, depths:
     xyz = (rays_o.unsqueeze(2) + depths.unsqueeze(-1) * rays_d.unsqueeze(2)).reshape(B, R * S, 3)
     feats = sample_triplanes(planes, xyz, levels=levels, box_warp=box_warp, plane_axes=plane_axes)
     sigma, rgb = decode(feats, w1, b1, w2, b2)
-    return composite(sigma.reshape(B, R, S), rgb.reshape(B, R, S, -1), depths, target_depth=target_depth,
+    return composite(sigma.reshape(B, R, S), rgb.reshape(B, R, S, rgb.shape[-1]), depths, target_depth=target_depth,
                      kernel=kernel, density_bias=density_bias, eps=eps, white_background=white_background)
 
 

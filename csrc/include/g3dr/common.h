@@ -10,6 +10,17 @@
 #define G3DR_HD inline
 #endif
 
+// Unroll the fixed-width channel loops (nvcc and gcc/clang spell it differently).
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define G3DR_UNROLL _Pragma("unroll")
+#elif defined(__clang__)
+#define G3DR_UNROLL _Pragma("clang loop unroll(full)")
+#elif defined(__GNUC__)
+#define G3DR_UNROLL _Pragma("GCC unroll 8")
+#else
+#define G3DR_UNROLL
+#endif
+
 namespace g3dr {
 
 // Plane conventions (must match g3dr_kernels._types.PLANE_AXES / PLANE_COORDS).

@@ -34,17 +34,6 @@
 
 #include "g3dr/common.h"
 
-// Unroll the fixed-width channel loops (nvcc and gcc/clang spell it differently).
-#if defined(__CUDACC__) || defined(__HIPCC__)
-#define G3DR_UNROLL _Pragma("unroll")
-#elif defined(__clang__)
-#define G3DR_UNROLL _Pragma("clang loop unroll(full)")
-#elif defined(__GNUC__)
-#define G3DR_UNROLL _Pragma("GCC unroll 8")
-#else
-#define G3DR_UNROLL
-#endif
-
 namespace g3dr {
 namespace composite {
 

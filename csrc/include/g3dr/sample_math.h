@@ -19,10 +19,8 @@
 #include "g3dr/common.h"
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
-#define G3DR_UNROLL _Pragma("unroll")
 #define G3DR_HDI G3DR_HD
 #else
-#define G3DR_UNROLL _Pragma("GCC unroll 4")
 // Forced inline on the host: the CPU kernels are compiled per ISA (AVX2 and baseline), and a helper
 // left out of line would run the baseline code from inside the AVX2 kernel.
 #if defined(__GNUC__)
