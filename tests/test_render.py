@@ -161,8 +161,6 @@ def test_depth_kernel_scales_gradients():
 def test_nan_in_planes_reaches_the_same_rays(backend_device):
     """A NaN texel makes exactly the rays that read it NaN, as in the reference."""
     backend, device = backend_device
-    if backend == "triton":  # seen on the interpreter at the time of writing; not run on a GPU yet
-        pytest.xfail("the Triton render kernel turns NaN plane values into finite outputs")
     inp = _inputs(B=1, R=24, S=6, C=3, hidden=16, D=3, sizes=((6, 6),), miss=0.0)
     inp["planes"][0][0, 1, 2, 3, 2] = float("nan")
     ref = _run("torch", inp, torch.float32, "cpu", return_weights=False)

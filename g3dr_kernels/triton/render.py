@@ -100,7 +100,8 @@ def _softplus(x):
     y = tl.exp(tl.minimum(x, 20.0))
     u = 1.0 + y
     lp = tl.where(u == 1.0, y, tl.log(u) * (y / tl.where(u == 1.0, 1.0, u - 1.0)))
-    return tl.where(x > 20.0, x, lp)
+    # x != x keeps NaN (tl.minimum above would turn it into 20), as torch's softplus does.
+    return tl.where((x > 20.0) | (x != x), x, lp)
 
 
 @triton.jit
