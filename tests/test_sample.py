@@ -156,17 +156,28 @@ def test_points_outside(bd, plane_axes):
     assert got[0, :4].abs().max() == 0
 
 
-# Non-finite points on "cpu" and "cuda" (sample_math.h): zero features and zero gradients from the
-# planes that read a NaN/inf coordinate. (grid_sample, and so the "torch" reference, gives NaN.)
+# Non-finite points: NaN features, as the reference (grid_sample) gives, on every backend; on "cpu" and
+# "cuda" the planes get no gradient from such points (the reference's gradient there is NaN/undefined).
 @pytest.mark.parametrize("plane_axes", ["eg3d", "xyz"])
-@pytest.mark.parametrize("bd", WIDE_DTYPE_BACKENDS)
+@pytest.mark.parametrize("bd", BACKENDS)
 def test_non_finite_points(bd, plane_axes):
     backend, device = bd
     inf, nan = float("inf"), float("nan")
     pts = [[nan, 0.2, -0.3], [0.2, nan, -0.3], [0.1, 0.4, inf], [-inf, 0.0, 0.0], [nan, nan, nan],
            [inf, -inf, nan], [0.3, -0.2, 0.7]]
-    got = _check_points(backend, device, plane_axes, pts)
-    assert got[0, 4:6].abs().max() == 0  # every coordinate non-finite
+    g = torch.Generator().manual_seed(5)
+    planes = torch.randn(1, 3, 4, 6, 5, generator=g).to(device)
+    xyz = torch.tensor([pts], device=device)
+    got = gk.sample_triplanes(planes, xyz, levels=2, plane_axes=plane_axes, backend=backend)
+    want = gk.sample_triplanes(planes, xyz, levels=2, plane_axes=plane_axes, backend="torch")
+    assert torch.isnan(want[0, :6]).all() and torch.isfinite(want[0, 6]).all()
+    assert torch.isnan(got[0, :6]).all(), "non-finite points must give NaN features"
+    assert_close("finite point", got[0, 6], want[0, 6], **TOL[torch.float32]["val"])
+    if backend in ("cpu", "cuda"):
+        planes.requires_grad_()
+        out = gk.sample_triplanes(planes, xyz, levels=2, plane_axes=plane_axes, backend=backend)
+        gp, = torch.autograd.grad(out[0, 6].sum() + out[0, :6].nan_to_num(0).sum(), planes)
+        assert torch.isfinite(gp).all()
 
 
 # Plane p reads coordinates (a, b) of u (DESIGN.md): written out here, not taken from the package.

@@ -172,6 +172,8 @@ G3DR_FORCE_INLINE void forward_points(const Args<acc_t>& A, int64_t begin, int64
         axpy4(o, r[0], r[1], r[2], r[3], t.w[0] * third, t.w[1] * third, t.w[2] * third, t.w[3] * third, C);
       }
     }
+    if (!finite_point(u))
+      for (int64_t c = 0; c < C; ++c) o[c] = quiet_nan<acc_t>();
   }
 }
 

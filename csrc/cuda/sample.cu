@@ -55,6 +55,7 @@ __global__ void __launch_bounds__(kThreads)
        i += static_cast<int64_t>(gridDim.x) * ppb) {
     const int64_t b = i / N;
     const acc_t u[3] = {xyz[i * 3] * scale, xyz[i * 3 + 1] * scale, xyz[i * 3 + 2] * scale};
+    const bool finite = finite_point(u);
     for (int64_t c0 = lane; c0 < C; c0 += static_cast<int64_t>(tpp) * CPT) {
       acc_t acc[CPT];
 #pragma unroll
@@ -82,7 +83,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int j = 0; j < CPT; ++j) {
         const int64_t c = c0 + static_cast<int64_t>(j) * tpp;
-        if (c < C) out[i * C + c] = static_cast<scalar_t>(acc[j] * third);
+        if (c < C) out[i * C + c] = static_cast<scalar_t>(finite ? acc[j] * third : quiet_nan<acc_t>());
       }
     }
   }

@@ -8,13 +8,15 @@
 //   f  = (1-tx)(1-ty) P[y0,x0] + tx(1-ty) P[y0,x0+1] + (1-tx)ty P[y0+1,x0] + tx ty P[y0+1,x0+1]
 // where corners outside the plane read 0. The op's output is sum over levels of the mean over planes.
 //
-// Non-finite coordinates (NaN/inf in xyz) and points far outside are "all corners outside": they
+// Points far outside are "all corners outside"; so are non-finite coordinates (NaN/inf in xyz) inside
+// bilinear_tap, but the forward kernels then write NaN (see finite_point). Outside points
 // contribute 0 to the features and get 0 gradient (grid_sample, and so the "torch" reference, gives
 // NaN for NaN or infinite coordinates).
 #pragma once
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 
 #include "g3dr/common.h"
 
@@ -63,6 +65,19 @@ G3DR_HDI void plane_uv(const acc_t* u, int plane_axes, int p, acc_t& a, acc_t& b
   plane_coord_index(plane_axes, p, ia, ib);
   a = pick3(u, ia);
   b = pick3(u, ib);
+}
+
+// True when every coordinate of u is finite (x - x is 0 for finite x, NaN for NaN and inf). The
+// forward kernels write NaN features for a point with a non-finite coordinate, as grid_sample (the
+// reference) does: each coordinate is read by at least one plane in both conventions.
+template <typename acc_t>
+G3DR_HDI bool finite_point(const acc_t* u) {
+  return (u[0] - u[0]) == acc_t(0) && (u[1] - u[1]) == acc_t(0) && (u[2] - u[2]) == acc_t(0);
+}
+
+template <typename acc_t>
+G3DR_HDI acc_t quiet_nan() {
+  return std::numeric_limits<acc_t>::quiet_NaN();
 }
 
 // Fills `t` for normalised plane coordinates (a, b) on an H x W plane. Returns false when no corner
