@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 import g3dr_kernels as K
 from g3dr_kernels.cameras import camera_rays, fov_to_intrinsics, orbit_cameras
-from g3dr_kernels.nn import TriplaneRenderer
+from g3dr_kernels.nn import TriplaneDecoder, TriplaneRenderer
 
 from .scene import demo_decoder, demo_planes
 
@@ -65,12 +65,15 @@ def _time(fn, repeats: int) -> float:
     return best
 
 
-def time_backends(planes, decoder, device, res: int, fov: float, samples: int, repeats: int = 3) -> List[Dict]:
-    """Fused render of 2 views at res x res: forward, and forward+backward with a target depth."""
+def time_backends(device, res: int, fov: float, samples: int, channels: int = 32, plane_res: int = 64,
+                  hidden: int = 64, repeats: int = 3) -> List[Dict]:
+    """Fused render of 2 views at res x res with G3DR-like sizes (random planes [2,3,channels,plane_res^2],
+    decoder hidden width `hidden`): forward, and forward+backward with a target depth."""
+    g = torch.Generator().manual_seed(0)
     cams = orbit_cameras(2, radius=2.7, elevation_deg=18.0, device=device)
     rays_o, rays_d = camera_rays(cams, fov_to_intrinsics(fov, device=device), res)
-    planes = planes.to(device).expand(2, -1, -1, -1, -1).contiguous().requires_grad_()
-    decoder = decoder.to(device)
+    planes = (torch.randn(2, 3, channels, plane_res, plane_res, generator=g) * 0.5).to(device).requires_grad_()
+    decoder = TriplaneDecoder(channels, hidden, 3).to(device)
     near, far = 1.7, 3.7
     depths = torch.linspace(near, far, samples, device=device).expand(2, res * res, samples).contiguous()
     target = torch.full((2, res * res), 2.5, device=device)
@@ -117,10 +120,10 @@ def run_demo(out_dir: str = "outputs/demo", res: int = 64, views: int = 8, fov: 
 
     print(f"\nrendered {views} views at {res}x{res} ({n_coarse}+{n_fine} samples/ray) in {t_render:.1f}s "
           f"on {device} -> {out / 'turntable.png'}, {out / 'turntable.gif'}")
-    rows = time_backends(planes, decoder, device, bench_res, fov, bench_samples)
+    rows = time_backends(device, bench_res, fov, bench_samples)
     ref = next(r for r in rows if r["backend"] == "torch")
-    print(f"\nfused render, 2 views x {bench_res}x{bench_res} rays x {bench_samples} samples, best of 3 "
-          f"(device: {device})")
+    print(f"\nfused render, 2 views x {bench_res}x{bench_res} rays x {bench_samples} samples, planes 32x64x64, "
+          f"3 levels, hidden 64; best of 3 (device: {device}, {torch.get_num_threads()} threads)")
     print(f"{'backend':<8} {'forward ms':>11} {'speed-up':>9} {'fwd+bwd ms':>11} {'speed-up':>9}")
     for r in rows:
         print(f"{r['backend']:<8} {r['fwd'] * 1e3:>11.1f} {ref['fwd'] / r['fwd']:>8.2f}x "
