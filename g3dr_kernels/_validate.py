@@ -109,13 +109,10 @@ def check_composite(sigma, rgb, depths, target_depth, kernel) -> None:
     check_tensor("sigma", sigma, 3)
     check_tensor("rgb", rgb, 4)
     check_tensor("depths", depths, 3)
-    B, R, S = sigma.shape
     if rgb.shape[:3] != sigma.shape or depths.shape != sigma.shape:
         raise ValueError(
             f"expected sigma [B,R,S], rgb [B,R,S,D], depths [B,R,S] with equal B,R,S; got sigma "
             f"[{_shape(sigma)}], rgb [{_shape(rgb)}], depths [{_shape(depths)}]")
-    if S < 2:
-        raise ValueError(f"compositing needs S >= 2 samples per ray, got sigma [{_shape(sigma)}]")
     if rgb.shape[3] < 1:
         raise ValueError(f"rgb needs D >= 1 channels, got [{_shape(rgb)}]")
     check_same("sigma", sigma, rgb=rgb, depths=depths)

@@ -17,8 +17,8 @@ from ._validate import (check_backend, check_box_warp, check_composite, check_de
 Planes = Union[torch.Tensor, Sequence[torch.Tensor]]
 
 
-def _pyramid(planes: Planes, levels: int):
-    pyr = check_planes(planes, levels)
+def _pyramid(planes: Planes, levels: int, pyr):
+    """The finest-first pyramid for `planes`, given check_planes' result `pyr` for them."""
     if isinstance(planes, torch.Tensor) and levels > 1:
         pyr = reference.build_pyramid(planes, levels)  # stays in PyTorch so its gradient reaches the finest level
     return pyr
@@ -49,7 +49,7 @@ def sample_triplanes(planes: Planes, xyz: torch.Tensor, *, levels: int = 3, box_
     pyr = check_planes(planes, levels)
     check_xyz(xyz, pyr[0])
     b = resolve(backend, "sample", xyz.device)
-    pyr = _pyramid(planes, levels)
+    pyr = _pyramid(planes, levels, pyr)
     if b == "torch":
         return reference.sample_pyramid(pyr, xyz, box_warp, code)
     from .ops.sample import XYZ_GRAD_BACKENDS, sample_fwd
@@ -111,7 +111,7 @@ def render_triplanes(planes: Planes, rays_o: torch.Tensor, rays_d: torch.Tensor,
     check_decoder(w1, b1, w2, b2, pyr[0].shape[2], pyr[0])
     check_depths(depths, target_depth, kernel)
     b = resolve(backend, "render", depths.device)
-    pyr = _pyramid(planes, levels)
+    pyr = _pyramid(planes, levels, pyr)
     if b == "torch":
         out = reference.render_triplanes(pyr, rays_o, rays_d, depths, w1, b1, w2, b2, target_depth=target_depth,
                                          kernel=kernel, levels=levels, box_warp=box_warp, plane_axes=plane_axes,

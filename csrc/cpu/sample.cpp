@@ -148,6 +148,15 @@ G3DR_FORCE_INLINE void scaled_point(const Args<acc_t>& A, int64_t i, acc_t u[3])
   for (int k = 0; k < 3; ++k) u[k] = A.xyz[i * 3 + k] * A.scale;
 }
 
+// The channel rows of a tap's four corners in plane p of batch b (channels-last level view); a corner
+// outside the plane reads A.zeros.
+template <typename acc_t>
+G3DR_FORCE_INLINE void corner_rows(const Args<acc_t>& A, const LevelView<acc_t>& V, int64_t b, int p,
+                                   const BilinearTap<acc_t>& t, const acc_t* r[4]) {
+  const acc_t* base = V.data + (b * 3 + p) * V.H * V.W * A.C;
+  for (int k = 0; k < 4; ++k) r[k] = t.idx[k] >= 0 ? base + t.idx[k] * A.C : A.zeros;
+}
+
 // Forward over points [begin, end): out[i] = sum_l sum_p bilinear(level l, plane p) / 3.
 template <typename acc_t>
 G3DR_FORCE_INLINE void forward_points(const Args<acc_t>& A, int64_t begin, int64_t end) {
@@ -166,9 +175,8 @@ G3DR_FORCE_INLINE void forward_points(const Args<acc_t>& A, int64_t begin, int64
         plane_uv(u, A.plane_axes, p, a, bb);
         BilinearTap<acc_t> t;
         if (!bilinear_tap(a, bb, V.H, V.W, t)) continue;
-        const acc_t* base = V.data + (b * 3 + p) * V.H * V.W * C;
         const acc_t* r[4];
-        for (int k = 0; k < 4; ++k) r[k] = t.idx[k] >= 0 ? base + t.idx[k] * C : A.zeros;
+        corner_rows(A, V, b, p, t, r);
         axpy4(o, r[0], r[1], r[2], r[3], t.w[0] * third, t.w[1] * third, t.w[2] * third, t.w[3] * third, C);
       }
     }
@@ -234,9 +242,8 @@ G3DR_FORCE_INLINE void xyz_grad_points(const Args<acc_t>& A, int64_t begin, int6
         if (!bilinear_tap(a, bb, L.H, L.W, t)) continue;
         acc_t da[4], db[4];
         tap_coord_weights(t, L.H, L.W, third, da, db);
-        const acc_t* base = L.data + (b * 3 + p) * L.H * L.W * C;
         const acc_t* r[4];
-        for (int k = 0; k < 4; ++k) r[k] = t.idx[k] >= 0 ? base + t.idx[k] * C : A.zeros;
+        corner_rows(A, L, b, p, t, r);
         acc_t sa[V] = {}, sb[V] = {};
         int64_t c = 0;
         for (; c + V <= C; c += V)

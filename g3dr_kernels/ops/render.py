@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from .._backend import kernels
+from .composite import _zeros_if_none
 
 
 @torch.library.custom_op("g3dr::render_fwd", mutates_args=())
@@ -70,9 +71,9 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, g_rgb, g_depth, g_opacity, g_weights):
     rays_o, rays_d, depths, w1, b1, w2, b2, target, out_rgb, out_depth, out_opacity, *levels = ctx.saved_tensors
-    z = lambda g, like: torch.zeros_like(like) if g is None else g.contiguous()  # noqa: E731
     gw = g_weights.contiguous() if (ctx.need_weights and g_weights is not None) else None
-    grads = render_bwd(z(g_rgb, out_rgb), z(g_depth, out_depth), z(g_opacity, out_opacity), gw, levels, rays_o,
+    grads = render_bwd(_zeros_if_none(g_rgb, out_rgb), _zeros_if_none(g_depth, out_depth),
+                       _zeros_if_none(g_opacity, out_opacity), gw, levels, rays_o,
                        rays_d, depths, w1, b1, w2, b2, target, out_rgb, out_depth, out_opacity, *ctx.params,
                        ctx.backend)
     n = ctx.n_levels
