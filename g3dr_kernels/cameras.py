@@ -71,3 +71,71 @@ def camera_rays(cam2world: torch.Tensor, intrinsics: torch.Tensor, height: int, 
     rays_d = F.normalize(dirs_cam @ cam2world[:, :3, :3].transpose(1, 2), dim=-1)
     rays_o = cam2world[:, None, :3, 3].expand_as(rays_d)
     return rays_o.contiguous(), rays_d.contiguous()
+
+
+# ---------------------------------------------------------------------------------------------
+# G3DR's cameras (3DGP spherical convention, OpenGL camera frame, fov over the outermost pixel centres)
+# ---------------------------------------------------------------------------------------------
+
+def spherical_to_cartesian(yaw: torch.Tensor, pitch: torch.Tensor, radius=1.0) -> torch.Tensor:
+    """3DGP/G3DR spherical convention: yaw (rotation about +y) and pitch (from +y) in radians, tensors
+    [B] -> points [B,3]: (r sin(pitch) sin(-yaw), r cos(pitch), r sin(pitch) cos(yaw)).
+    yaw = pitch = pi/2 puts the point on the -x axis."""
+    return torch.stack([radius * torch.sin(pitch) * torch.sin(-yaw), radius * torch.cos(pitch) * torch.ones_like(yaw),
+                        radius * torch.sin(pitch) * torch.cos(yaw)], dim=-1)
+
+
+def g3dr_cam2world(yaw, pitch, radius=5.0, look_at: torch.Tensor | None = None, device=None,
+                   dtype=torch.float32) -> torch.Tensor:
+    """G3DR's camera: yaw, pitch [B] (radians; numbers broadcast to B=1), radius (number or [B]),
+    look_at [B,3] (default: the origin) -> camera-to-world [B,4,4] in the OpenGL frame (x right,
+    y up, camera looks down -z), world +y up. The canonical training camera is
+    yaw = pitch = pi/2, radius 5: at (-5, 0, 0) looking at the origin along +x."""
+    yaw = torch.as_tensor(yaw, dtype=dtype, device=device).reshape(-1)
+    pitch = torch.as_tensor(pitch, dtype=dtype, device=device).reshape(-1)
+    yaw, pitch = torch.broadcast_tensors(yaw, pitch)
+    radius = torch.as_tensor(radius, dtype=dtype, device=yaw.device)
+    if not torch.isfinite(yaw).all() or not torch.isfinite(pitch).all() or not torch.isfinite(radius).all():
+        raise ValueError("g3dr_cam2world: yaw, pitch and radius must be finite")
+    if (radius <= 0).any():
+        raise ValueError(f"g3dr_cam2world: radius must be > 0, got {radius.tolist()}")
+    origins = spherical_to_cartesian(yaw, pitch, radius)
+    target = torch.zeros_like(origins) if look_at is None else look_at.to(origins).expand_as(origins)
+    forward = target - origins
+    n = forward.norm(dim=-1, keepdim=True)
+    if (n < 1e-9).any():
+        raise ValueError("g3dr_cam2world: the camera sits on its look-at point")
+    forward = forward / n
+    up_w = torch.tensor([0.0, 1.0, 0.0], dtype=dtype, device=yaw.device).expand_as(forward)
+    left = torch.cross(up_w, forward, dim=-1)
+    ln = left.norm(dim=-1, keepdim=True)
+    if (ln < 1e-6).any():
+        raise ValueError("g3dr_cam2world: the view direction is parallel to the world up axis (pitch 0 or pi)")
+    left = left / ln
+    up = F.normalize(torch.cross(forward, left, dim=-1), dim=-1)
+    c2w = torch.eye(4, dtype=dtype, device=yaw.device).repeat(yaw.shape[0], 1, 1)
+    c2w[:, :3, 0], c2w[:, :3, 1], c2w[:, :3, 2], c2w[:, :3, 3] = -left, up, -forward, origins
+    return c2w
+
+
+def g3dr_rays(cam2world: torch.Tensor, fov_degrees: float = 18.0, height: int = 128, width: int | None = None
+              ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """G3DR's rays (3DGP `sample_rays`): cam2world [B,4,4] in the OpenGL frame -> rays_o, rays_d
+    [B, H*W, 3], row-major, row 0 the image top. The field of view spans the outermost pixel
+    *centres*: camera-space direction (x, y, -1/tan(fov/2)) with x = linspace(-1, 1, W) across
+    columns and y = linspace(1, -1, H) down the rows, normalised, then rotated."""
+    width = height if width is None else width
+    if cam2world.dim() != 3 or cam2world.shape[-2:] != (4, 4):
+        raise ValueError(f"cam2world must be [B,4,4], got {tuple(cam2world.shape)}")
+    if not (isinstance(height, int) and isinstance(width, int)) or height < 2 or width < 2:
+        raise ValueError(f"image size must be integers >= 2 (the grid spans pixel centres), got {height}x{width}")
+    if not 0 < fov_degrees < 180:
+        raise ValueError(f"fov_degrees must be in (0, 180), got {fov_degrees}")
+    dev, dt = cam2world.device, cam2world.dtype
+    y, x = torch.meshgrid(torch.linspace(1, -1, height, device=dev, dtype=dt),
+                          torch.linspace(-1, 1, width, device=dev, dtype=dt), indexing="ij")
+    z = torch.full_like(x, -1.0 / math.tan(math.radians(fov_degrees) / 2))
+    d_cam = F.normalize(torch.stack([x, y, z], -1).reshape(1, -1, 3), dim=-1)
+    rays_d = F.normalize(d_cam @ cam2world[:, :3, :3].transpose(1, 2), dim=-1)
+    rays_o = cam2world[:, None, :3, 3].expand_as(rays_d)
+    return rays_o.contiguous(), rays_d.contiguous()
