@@ -1,7 +1,28 @@
-"""Command line: `g3dr demo` (render the built-in scene and time the backends)."""
+"""Command line: thin argument parsing over Python functions a user can call too.
+
+  g3dr demo                      the main job (see g3dr/demo.py)
+  g3dr train --config P --data D --out RUN [key=value ...]   (torchrun ... -m g3dr train ... for DDP)
+"""
 from __future__ import annotations
 
 import argparse
+import sys
+
+
+def _train_parser(sub):
+    t = sub.add_parser("train", help="train G3DR (torchrun --nproc_per_node N -m g3dr train ... for DDP)",
+                       description="Train G3DR. Any config field can be overridden as section.key=value, e.g. "
+                                   "train.steps=1000 train.batch_size=4 train.save_every=100 loss.w_tv=0.")
+    t.add_argument("--config", default="small", help="preset (official, paper, small, tiny) or a YAML file")
+    t.add_argument("--data", default=None, help="'synthetic' or a folder of name.jpg + name_depth.png "
+                                                "(default: the config's data.source)")
+    t.add_argument("--out", required=True, help="run folder (config.yaml, stats.jsonl, checkpoints/, images/)")
+    t.add_argument("--resume", default="auto", help="auto (continue the run in --out if any), never, or a checkpoint")
+    t.add_argument("--overwrite", action="store_true", help="replace a previous run in --out")
+    t.add_argument("--max-steps", type=int, default=None, help="stop after this step without changing the schedule")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("overrides", nargs="*", help="section.key=value config overrides")
+    return t
 
 
 def main(argv=None) -> None:
@@ -16,6 +37,7 @@ def main(argv=None) -> None:
     d.add_argument("--n-fine", type=int, default=32)
     d.add_argument("--backend", default="auto", choices=["auto", "torch", "cpu", "triton", "cuda"])
     d.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    _train_parser(sub)
     args = p.parse_args(argv)
     if args.cmd == "demo":
         from .demo import run_demo
@@ -24,6 +46,21 @@ def main(argv=None) -> None:
                 p.error(f"--{name.replace('_', '-')} is too small: {getattr(args, name)}")
         run_demo(args.out, res=args.res, views=args.views, fov=args.fov, n_coarse=args.n_coarse, n_fine=args.n_fine,
                  backend=args.backend, device=args.device)
+    elif args.cmd == "train":
+        from .config import resolve
+        from .train import RunFolderError, train
+        overrides = list(args.overrides) + ([f"data.source={args.data}"] if args.data else [])
+        try:
+            cfg = resolve(args.config, overrides)
+            summary = train(cfg, args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet,
+                            max_steps=args.max_steps)
+        except (ValueError, FileNotFoundError, RunFolderError) as e:
+            print(f"g3dr train: error: {e}", file=sys.stderr)
+            raise SystemExit(2)
+        if summary["interrupted"]:
+            raise SystemExit(130)
+        if not args.quiet:
+            print(f"done: step {summary['step']} ({summary['skipped_steps']} skipped) -> {summary['run_dir']}")
 
 
 if __name__ == "__main__":

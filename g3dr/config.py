@@ -1,0 +1,385 @@
+"""G3DR configuration: one dataclass tree, named presets, YAML load/save and `a.b=c` overrides.
+
+Presets (`PRESETS`):
+  official  the official code's values (preddy5/G3DR train.py + config/imagenet_train.yaml)
+  paper     the paper's values (CVPR 2024, Sec. 4 and the supplement)
+  small     trains in minutes on 2 CPU cores: 64x64, a narrow U-Net, C=32, 24+24 samples
+  tiny      for tests: 16x16, a minimal U-Net, C=8, 8+8 samples
+
+Schedule quantities that depend on the run length are fractions of `train.steps`, so a preset
+keeps its shape when the step count is overridden (the official code ties them to T as well).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Union, get_args, get_origin, get_type_hints
+
+
+@dataclass
+class ModelConfig:
+    """f_trigen (RGB-D U-Net -> triplanes) and the triplane decoder."""
+    image_size: int = 128               # input and plane resolution (planes are image_size^2)
+    in_channels: int = 4                # RGB in [-1,1] + raw depth
+    pos_channels: int = 256             # learned positional embedding concatenated to the input
+    base_width: int = 128               # U-Net width at the first level
+    width_mults: Tuple[int, ...] = (1, 2, 4, 8)
+    groups: int = 8                     # GroupNorm groups
+    attn_heads: int = 4
+    attn_dim_head: int = 32
+    plane_channels: int = 64            # C: channels per plane (output 3*C)
+    decoder_hidden: int = 64
+    decoder_lr_mul: float = 1.0
+
+
+@dataclass
+class RenderConfig:
+    """Camera and the triplane renderer (g3dr_kernels.nn.TriplaneRenderer)."""
+    fov: float = 18.0                   # degrees, over the outermost pixel centres
+    radius: float = 5.0                 # canonical camera distance
+    n_coarse: int = 32
+    n_fine: int = 32
+    sampling: str = "eg3d"              # "eg3d" (official sample placement) | "uniform"
+    target_mode: str = "replace"        # target samples replace the fine ones ("replace", official) or are added
+    n_target: int = 32                  # samples around the target depth (canonical view)
+    target_prob: float = 0.4            # probability of taking the target samples in a canonical step
+    target_spread: float = 0.05         # +- spread of the target samples (depth units)
+    box_warp: float = 2.0
+    levels: int = 3
+    plane_axes: str = "eg3d"
+    density_bias: float = -1.0
+    white_background: bool = False
+    depth_kernel: bool = True           # G3DR's depth-kernel gradient scaling on canonical views
+    kernel_s1: float = 1.25
+    kernel_s2: float = 0.03
+    kernel_c_min: float = 0.05
+    kernel_c_max: float = 1.0
+    perturb: bool = True                # jittered samples in training
+    backend: str = "auto"               # g3dr_kernels backend ("torch" = the reference path)
+
+
+@dataclass
+class LossConfig:
+    """Loss terms and weights. Canonical branch: recon, depth, LPIPS (canon layers), CLIP (canon);
+    novel branch: CLIP (novel), LPIPS (novel layers), TV on depth. Both: the opacity term."""
+    recon: str = "l1"                   # "l1" (official, on [-1,1]) | "mse" (paper)
+    w_recon: float = 1.0
+    depth: str = "l1"                   # "l1" | "smooth_l1"
+    w_depth: float = 2.0
+    w_lpips_canon: float = 1.0
+    lpips_canon_layers: Tuple[float, ...] = (1.0, 1.0, 1.0, 1.0, 1.0)
+    canon_perceptual_start: float = 0.5  # fraction of steps before which canonical LPIPS/CLIP are off
+    w_clip_canon: float = 0.175
+    w_lpips_novel: float = 2.0
+    lpips_novel_layers: Tuple[float, ...] = (0.0, 0.0, 0.0, 1.0, 1.0)
+    w_clip_novel: float = 0.35
+    clip_novel_start_weight: float = 0.35  # novel CLIP weight at step 0, ramped linearly to w_clip_novel ...
+    clip_novel_ramp: float = 0.0        # ... over this fraction of the steps (0 = constant)
+    w_tv: float = 0.1
+    w_opacity: float = 1.0
+    opacity_ramp: float = 0.5           # opacity weight rises 0 -> w_opacity over this fraction of the steps
+    clip_loss: str = "l1"               # "l1" between embeddings (official) | "cosine"
+    clip_model: str = "ViT-B-16"        # open_clip model name
+    clip_weights: str = ""              # local open_clip checkpoint file ("" = look in the caches)
+    vgg_weights: str = ""               # local torchvision vgg16 ImageNet checkpoint ("" = torch hub cache)
+    allow_random_init: bool = False     # random CLIP/VGG when no weights are found (tests, CPU demo)
+
+
+@dataclass
+class ScheduleConfig:
+    """Pure functions of the step (g3dr/schedules.py)."""
+    p_novel_max: float = 0.4            # tau: the probability of a novel-view step ...
+    p_novel_ramp: float = 0.2           # ... reached after this fraction of the steps (official: min(0.4, 2 s / T))
+    view_sampler: str = "uniform"       # "uniform" (official) | "gaussian" (paper)
+    yaw_range_start: float = math.pi / 24
+    yaw_range_end: float = math.pi / 6
+    yaw_range_ramp: float = 1 / 3       # fraction of the steps over which the yaw range widens
+    pitch_range: float = math.pi / 18
+    yaw_std: float = 0.3                # gaussian sampler: yaw ~ N(pi/2, yaw_std)
+    pitch_std: float = 0.15             # gaussian sampler: pitch ~ pi/2 + N(0, pitch_std)
+    lr: float = 5e-5                    # peak learning rate
+    lr_schedule: str = "onecycle"       # "onecycle" (official) | "warmup_cosine" (paper) | "constant"
+    warmup: float = 0.02                # fraction of the steps (onecycle pct_start / linear warm-up)
+    lr_start: float = 2e-6              # warmup_cosine: learning rate at step 0
+    lr_end: float = 0.0                 # warmup_cosine: learning rate at the last step
+    div_factor: float = 25.0            # onecycle: initial lr = lr / div_factor
+    final_div_factor: float = 1e4       # onecycle: final lr = initial lr / final_div_factor
+    betas: Tuple[float, float] = (0.9, 0.99)
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"           # "synthetic" or a folder in the official layout
+    flip: bool = True                   # random horizontal flip of image and depth together
+    skip_bad: bool = False              # skip unreadable/mismatched files instead of stopping
+    synthetic_scenes: int = 512         # number of procedural scenes
+    synthetic_seed: int = 0
+    num_workers: int = 0
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300_000
+    batch_size: int = 8                 # per process
+    seed: int = 420
+    save_every: int = 500
+    keep_last: int = 3                  # step checkpoints kept besides last.pt
+    log_every: int = 10
+    image_every: int = 500
+    grad_clip: float = 0.0              # max gradient norm (0 = off)
+    amp: str = "auto"                   # "auto" (bf16 on CUDA, off on CPU) | "bf16" | "off"
+    device: str = "auto"
+    channels_last: bool = False         # U-Net in channels_last memory format
+    compile: bool = False               # torch.compile the U-Net
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    render: RenderConfig = field(default_factory=RenderConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "Config":
+        cfg = cls()
+        for section, values in d.items():
+            if not hasattr(cfg, section):
+                raise ValueError(f"unknown config section {section!r} (known: {', '.join(_sections(cfg))})")
+            if not isinstance(values, dict):
+                raise ValueError(f"config section {section!r} must be a mapping, got {values!r}")
+            for key, value in values.items():
+                set_field(cfg, f"{section}.{key}", value)
+        validate(cfg)
+        return cfg
+
+
+def _plain(x):
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
+
+
+def _sections(cfg) -> List[str]:
+    return [f.name for f in dataclasses.fields(cfg)]
+
+
+def _coerce(value, typ, name: str):
+    """Convert a YAML/CLI value to the field's declared type, or raise a ValueError naming the field."""
+    origin = get_origin(typ)
+    try:
+        if typ is bool:
+            if isinstance(value, str):
+                if value.lower() in ("true", "1", "yes", "on"):
+                    return True
+                if value.lower() in ("false", "0", "no", "off"):
+                    return False
+                raise ValueError
+            if isinstance(value, (bool, int)) and value in (0, 1):
+                return bool(value)
+            raise ValueError
+        if typ is int:
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, str):
+                value = float(value)
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if typ is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if typ is str:
+            return str(value)
+        if origin is tuple:
+            if isinstance(value, str):
+                v = value.strip()
+                if v[:1] in "([" and v[-1:] in ")]":
+                    v = v[1:-1]
+                value = [x.strip() for x in v.split(",") if x.strip()]
+            args = get_args(typ)
+            elem = args[0]
+            items = list(value)
+            if len(args) == 2 and args[1] is Ellipsis:
+                return tuple(_coerce(v, elem, name) for v in items)
+            if len(items) != len(args):
+                raise ValueError
+            return tuple(_coerce(v, t, name) for v, t in zip(items, args))
+    except (TypeError, ValueError):
+        raise ValueError(f"config field {name}: cannot use {value!r} as {getattr(typ, '__name__', typ)}") from None
+    raise TypeError(f"config field {name}: unsupported type {typ}")
+
+
+def set_field(cfg: Config, dotted: str, value) -> None:
+    """Set `section.key` to `value` (converted to the field's type); unknown names are an error."""
+    parts = dotted.split(".")
+    if len(parts) != 2:
+        raise ValueError(f"config override must look like section.key=value, got {dotted!r}")
+    section, key = parts
+    if section not in _sections(cfg):
+        raise ValueError(f"unknown config section {section!r} in {dotted!r} (known: {', '.join(_sections(cfg))})")
+    sub = getattr(cfg, section)
+    hints = get_type_hints(type(sub))
+    if key not in hints:
+        raise ValueError(f"unknown config field {dotted!r} (fields of {section}: {', '.join(hints)})")
+    setattr(sub, key, _coerce(value, hints[key], dotted))
+
+
+def apply_overrides(cfg: Config, overrides: List[str]) -> Config:
+    """`["train.steps=100", "loss.w_tv=0"]` -> a new validated Config."""
+    cfg = copy.deepcopy(cfg)
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"config override must look like section.key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        value = raw.strip()  # converted to the field's type by set_field
+        set_field(cfg, key.strip(), value)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks, with the field names in the message."""
+    m, r, lo, s, t = cfg.model, cfg.render, cfg.loss, cfg.schedule, cfg.train
+    down = 2 ** (len(m.width_mults) - 1)
+    if len(m.width_mults) < 1 or min(m.width_mults) < 1:
+        raise ValueError(f"model.width_mults must be positive integers, got {m.width_mults}")
+    if m.image_size < 2 or m.image_size % down:
+        raise ValueError(f"model.image_size={m.image_size} must be a multiple of 2^(len(width_mults)-1)={down}")
+    for name in ("base_width", "plane_channels", "decoder_hidden", "pos_channels", "in_channels", "groups"):
+        if getattr(m, name) < (0 if name == "pos_channels" else 1):
+            raise ValueError(f"model.{name} must be positive, got {getattr(m, name)}")
+    for w in (m.base_width * k for k in m.width_mults):
+        if w % m.groups:
+            raise ValueError(f"U-Net width {w} (model.base_width x width_mults) is not divisible by model.groups="
+                             f"{m.groups}")
+    if r.n_coarse < 2 or r.n_fine < 0 or r.n_target < 0:
+        raise ValueError(f"render needs n_coarse >= 2, n_fine >= 0, n_target >= 0; got {r.n_coarse}, {r.n_fine}, "
+                         f"{r.n_target}")
+    if r.sampling not in ("eg3d", "uniform"):
+        raise ValueError(f"render.sampling must be 'eg3d' or 'uniform', got {r.sampling!r}")
+    if r.target_mode not in ("replace", "add"):
+        raise ValueError(f"render.target_mode must be 'replace' or 'add', got {r.target_mode!r}")
+    if not 0 <= r.target_prob <= 1:
+        raise ValueError(f"render.target_prob must be in [0, 1], got {r.target_prob}")
+    if not 0 < r.fov < 180 or r.radius <= 0 or r.box_warp <= 0:
+        raise ValueError(f"render.fov in (0,180), radius > 0 and box_warp > 0 needed, got {r.fov}, {r.radius}, "
+                         f"{r.box_warp}")
+    if lo.recon not in ("l1", "mse"):
+        raise ValueError(f"loss.recon must be 'l1' or 'mse', got {lo.recon!r}")
+    if lo.depth not in ("l1", "smooth_l1"):
+        raise ValueError(f"loss.depth must be 'l1' or 'smooth_l1', got {lo.depth!r}")
+    if lo.clip_loss not in ("l1", "cosine"):
+        raise ValueError(f"loss.clip_loss must be 'l1' or 'cosine', got {lo.clip_loss!r}")
+    for name in ("lpips_canon_layers", "lpips_novel_layers"):
+        if len(getattr(lo, name)) != 5:
+            raise ValueError(f"loss.{name} needs 5 per-layer weights (LPIPS-VGG has 5 layers), got "
+                             f"{getattr(lo, name)}")
+    if s.view_sampler not in ("uniform", "gaussian"):
+        raise ValueError(f"schedule.view_sampler must be 'uniform' or 'gaussian', got {s.view_sampler!r}")
+    if s.lr_schedule not in ("onecycle", "warmup_cosine", "constant"):
+        raise ValueError(f"schedule.lr_schedule must be onecycle, warmup_cosine or constant, got {s.lr_schedule!r}")
+    if not 0 <= s.p_novel_max <= 1:
+        raise ValueError(f"schedule.p_novel_max must be in [0, 1], got {s.p_novel_max}")
+    if s.lr <= 0:
+        raise ValueError(f"schedule.lr must be > 0, got {s.lr}")
+    if t.steps < 1 or t.batch_size < 1 or t.save_every < 1 or t.keep_last < 0:
+        raise ValueError(f"train needs steps >= 1, batch_size >= 1, save_every >= 1, keep_last >= 0; got "
+                         f"{t.steps}, {t.batch_size}, {t.save_every}, {t.keep_last}")
+    if t.amp not in ("auto", "bf16", "off"):
+        raise ValueError(f"train.amp must be auto, bf16 or off, got {t.amp!r}")
+
+
+def _official() -> Config:
+    return Config()
+
+
+def _paper() -> Config:
+    c = Config()
+    c.train.steps, c.train.batch_size = 400_000, 8
+    lo = c.loss
+    lo.recon, lo.w_recon, lo.w_depth = "mse", 1.0, 2.0
+    lo.w_lpips_canon, lo.canon_perceptual_start, lo.w_clip_canon = 0.5, 0.0, 0.0
+    lo.w_lpips_novel, lo.w_clip_novel, lo.w_tv = 0.5, 0.35, 0.1
+    lo.clip_novel_start_weight, lo.clip_novel_ramp = 0.02, 100_000 / 400_000
+    s = c.schedule
+    s.view_sampler = "gaussian"
+    s.lr_schedule, s.lr, s.lr_start, s.warmup = "warmup_cosine", 1e-4, 2e-6, 20_000 / 400_000
+    return c
+
+
+def _small() -> Config:
+    c = Config()
+    m = c.model
+    m.image_size, m.pos_channels, m.base_width, m.width_mults = 64, 16, 32, (1, 2, 2, 4)
+    m.plane_channels, m.decoder_hidden = 32, 64
+    r = c.render
+    r.n_coarse, r.n_fine, r.n_target = 24, 24, 24
+    # CLIP's ViT-B/16 runs at 224x224 (~17 GFLOP per image): off on the CPU preset; LPIPS-VGG stays on.
+    c.loss.w_clip_canon = c.loss.w_clip_novel = c.loss.clip_novel_start_weight = 0.0
+    c.schedule.lr, c.schedule.lr_schedule, c.schedule.warmup = 5e-4, "onecycle", 0.05
+    c.train.steps, c.train.batch_size, c.train.save_every, c.train.image_every = 1500, 4, 250, 250
+    c.data.synthetic_scenes = 64
+    return c
+
+
+def _tiny() -> Config:
+    c = _small()
+    m = c.model
+    m.image_size, m.pos_channels, m.base_width, m.width_mults = 16, 4, 8, (1, 2)
+    m.plane_channels, m.decoder_hidden, m.attn_heads, m.attn_dim_head = 8, 16, 2, 8
+    r = c.render
+    r.n_coarse, r.n_fine, r.n_target = 8, 8, 8
+    c.loss.allow_random_init = True
+    c.train.steps, c.train.batch_size, c.train.save_every, c.train.image_every, c.train.log_every = 4, 2, 2, 2, 1
+    c.data.synthetic_scenes = 8
+    return c
+
+
+PRESETS = {"official": _official, "paper": _paper, "small": _small, "tiny": _tiny}
+
+
+def preset(name: str) -> Config:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r} (presets: {', '.join(PRESETS)})")
+    cfg = PRESETS[name]()
+    validate(cfg)
+    return cfg
+
+
+def save_yaml(cfg: Config, path: Union[str, Path]) -> None:
+    """Write the config as YAML (atomic)."""
+    import yaml
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    tmp.replace(path)
+
+
+def load_yaml(path: Union[str, Path]) -> Config:
+    import yaml
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    d = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: a config file must be a mapping of sections, got {type(d).__name__}")
+    return Config.from_dict(d)
+
+
+def resolve(name_or_file: str, overrides: Optional[List[str]] = None) -> Config:
+    """A preset name or a YAML file, then `section.key=value` overrides."""
+    p = Path(name_or_file)
+    cfg = load_yaml(p) if (p.suffix in (".yaml", ".yml") or p.is_file()) else preset(name_or_file)
+    return apply_overrides(cfg, overrides or [])

@@ -1,0 +1,297 @@
+"""G3DR's model: f_trigen, the U-Net that turns an RGB-D image into a triplane, and the `G3DR`
+module that owns it with the triplane decoder and renderer (g3dr_kernels).
+
+The U-Net has the official shape (a denoising-diffusion style U-Net run at a constant "time"):
+input RGB in [-1,1] + raw depth, concatenated with a learned positional embedding; a 7x7 stem;
+per level two ResNet blocks (weight-standardised 3x3 convs, GroupNorm, SiLU, a per-block
+scale/shift from the constant time embedding) and linear attention; full attention in the middle;
+a mirrored decoder with skip connections; a final ResNet block and a 1x1 conv to 3*C channels.
+Parameter names follow the official checkpoint's, so `load_official_checkpoint` maps it directly.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Dict, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from g3dr_kernels import DepthKernel
+from g3dr_kernels.nn import TriplaneDecoder, TriplaneRenderer
+
+from .config import Config, ModelConfig
+
+
+def _std_weight(w: torch.Tensor) -> torch.Tensor:
+    eps = 1e-5 if w.dtype == torch.float32 else 1e-3
+    mean = w.mean(dim=(1, 2, 3), keepdim=True)
+    var = w.var(dim=(1, 2, 3), unbiased=False, keepdim=True)
+    return (w - mean) * (var + eps).rsqrt()
+
+
+class WSConv2d(nn.Conv2d):
+    """Weight-standardised convolution (Qiao et al. 2019): each filter normalised to zero mean, unit variance."""
+
+    def forward(self, x):
+        return F.conv2d(x, _std_weight(self.weight), self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class ChannelNorm(nn.Module):
+    """Layer norm over channels of [B,C,H,W] with a learned gain `g` [1,C,1,1] and no bias."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.g = nn.Parameter(torch.ones(1, dim, 1, 1))
+
+    def forward(self, x):
+        eps = 1e-5 if x.dtype == torch.float32 else 1e-3
+        var, mean = torch.var_mean(x, dim=1, unbiased=False, keepdim=True)
+        return (x - mean) * (var + eps).rsqrt() * self.g
+
+
+class PreNormResidual(nn.Module):
+    """x + fn(norm(x)); submodules named `fn.norm`, `fn.fn` as in the official checkpoint."""
+
+    def __init__(self, dim: int, fn: nn.Module):
+        super().__init__()
+        self.fn = nn.Module()
+        self.fn.norm, self.fn.fn = ChannelNorm(dim), fn
+
+    def forward(self, x):
+        return x + self.fn.fn(self.fn.norm(x))
+
+
+class ConvBlock(nn.Module):
+    def __init__(self, dim: int, dim_out: int, groups: int):
+        super().__init__()
+        self.proj = WSConv2d(dim, dim_out, 3, padding=1)
+        self.norm = nn.GroupNorm(groups, dim_out)
+
+    def forward(self, x, scale_shift=None):
+        x = self.norm(self.proj(x))
+        if scale_shift is not None:
+            x = x * (scale_shift[0] + 1) + scale_shift[1]
+        return F.silu(x)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, dim: int, dim_out: int, time_dim: int, groups: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.SiLU(), nn.Linear(time_dim, dim_out * 2))
+        self.block1 = ConvBlock(dim, dim_out, groups)
+        self.block2 = ConvBlock(dim_out, dim_out, groups)
+        self.res_conv = nn.Conv2d(dim, dim_out, 1) if dim != dim_out else nn.Identity()
+
+    def forward(self, x, t):
+        scale_shift = self.mlp(t)[:, :, None, None].chunk(2, dim=1)
+        return self.block2(self.block1(x, scale_shift)) + self.res_conv(x)
+
+
+class LinearAttention(nn.Module):
+    """Efficient attention (Shen et al. 2021): softmax over features for q, over positions for k; O(HW)."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int):
+        super().__init__()
+        self.heads, self.scale = heads, dim_head ** -0.5
+        hidden = heads * dim_head
+        self.to_qkv = nn.Conv2d(dim, hidden * 3, 1, bias=False)
+        self.to_out = nn.Sequential(nn.Conv2d(hidden, dim, 1), ChannelNorm(dim))
+
+    def forward(self, x):
+        b, _, h, w = x.shape
+        q, k, v = (t.reshape(b, self.heads, -1, h * w) for t in self.to_qkv(x).chunk(3, dim=1))
+        q = q.softmax(dim=-2) * self.scale
+        k = k.softmax(dim=-1)
+        v = v / (h * w)
+        context = torch.einsum("bhdn,bhen->bhde", k, v)
+        out = torch.einsum("bhde,bhdn->bhen", context, q)
+        return self.to_out(out.reshape(b, -1, h, w))
+
+
+class Attention(nn.Module):
+    """Full softmax self-attention over positions (the U-Net's middle)."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int):
+        super().__init__()
+        self.heads = heads
+        hidden = heads * dim_head
+        self.to_qkv = nn.Conv2d(dim, hidden * 3, 1, bias=False)
+        self.to_out = nn.Conv2d(hidden, dim, 1)
+
+    def forward(self, x):
+        b, _, h, w = x.shape
+        q, k, v = (t.reshape(b, self.heads, -1, h * w).transpose(-1, -2) for t in self.to_qkv(x).chunk(3, dim=1))
+        out = F.scaled_dot_product_attention(q, k, v)  # [b, heads, hw, d]; scale 1/sqrt(d)
+        return self.to_out(out.transpose(-1, -2).reshape(b, -1, h, w))
+
+
+class Downsample(nn.Sequential):
+    """Space-to-depth (2x2 -> channels) then a 1x1 conv; the parameters sit at index 1."""
+
+    def __init__(self, dim: int, dim_out: int):
+        # PixelUnshuffle orders channels (c, p1, p2), as the official rearrange does
+        super().__init__(nn.PixelUnshuffle(2), nn.Conv2d(dim * 4, dim_out, 1))
+
+
+class Upsample(nn.Sequential):
+    def __init__(self, dim: int, dim_out: int):
+        super().__init__(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(dim, dim_out, 3, padding=1))
+
+
+class SinusoidalEmbedding(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, t):
+        half = self.dim // 2
+        freqs = torch.exp(torch.arange(half, device=t.device, dtype=torch.float32) * -(math.log(10000) / (half - 1)))
+        e = t[:, None].float() * freqs[None]
+        return torch.cat([e.sin(), e.cos()], dim=-1)
+
+
+class TriplaneUNet(nn.Module):
+    """f_trigen: image [B,3,H,W] in [-1,1] and depth [B,1,H,W] -> planes [B,3,C,H,W]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        dim, mults, g = cfg.base_width, cfg.width_mults, cfg.groups
+        heads, dh = cfg.attn_heads, cfg.attn_dim_head
+        self.pos_embed = nn.Parameter(torch.ones(1, cfg.pos_channels, cfg.image_size, cfg.image_size))
+        self.init_conv = nn.Conv2d(cfg.in_channels + cfg.pos_channels, dim, 7, padding=3)
+        time_dim = dim * 4
+        self.time_mlp = nn.Sequential(SinusoidalEmbedding(dim), nn.Linear(dim, time_dim), nn.GELU(),
+                                      nn.Linear(time_dim, time_dim))
+        dims = [dim, *(dim * m for m in mults)]
+        in_out = list(zip(dims[:-1], dims[1:]))
+        self.downs, self.ups = nn.ModuleList(), nn.ModuleList()
+        for i, (din, dout) in enumerate(in_out):
+            last = i == len(in_out) - 1
+            self.downs.append(nn.ModuleList([
+                ResBlock(din, din, time_dim, g), ResBlock(din, din, time_dim, g),
+                PreNormResidual(din, LinearAttention(din, heads, dh)),
+                nn.Conv2d(din, dout, 3, padding=1) if last else Downsample(din, dout)]))
+        mid = dims[-1]
+        self.mid_block1 = ResBlock(mid, mid, time_dim, g)
+        self.mid_attn = PreNormResidual(mid, Attention(mid, heads, dh))
+        self.mid_block2 = ResBlock(mid, mid, time_dim, g)
+        for i, (din, dout) in enumerate(reversed(in_out)):
+            last = i == len(in_out) - 1
+            self.ups.append(nn.ModuleList([
+                ResBlock(dout + din, dout, time_dim, g), ResBlock(dout + din, dout, time_dim, g),
+                PreNormResidual(dout, LinearAttention(dout, heads, dh)),
+                nn.Conv2d(dout, din, 3, padding=1) if last else Upsample(dout, din)]))
+        self.final_res_block = ResBlock(dim * 2, dim * 2, time_dim, g)
+        self.final_conv = nn.Conv2d(dim * 2, 3 * cfg.plane_channels, 1)
+
+    def forward(self, image: torch.Tensor, depth: torch.Tensor) -> torch.Tensor:
+        B, _, H, W = image.shape
+        if (H, W) != (self.cfg.image_size, self.cfg.image_size):
+            raise ValueError(f"f_trigen was built for {self.cfg.image_size}x{self.cfg.image_size} inputs, got {H}x{W}")
+        x = torch.cat([image, depth, self.pos_embed.expand(B, -1, -1, -1).to(image.dtype)], dim=1)
+        x = self.init_conv(x)
+        r = x
+        t = self.time_mlp(torch.ones(B, device=x.device))
+        skips = []
+        for block1, block2, attn, down in self.downs:
+            x = block1(x, t)
+            skips.append(x)
+            x = attn(block2(x, t))
+            skips.append(x)
+            x = down(x)
+        x = self.mid_block2(self.mid_attn(self.mid_block1(x, t)), t)
+        for block1, block2, attn, up in self.ups:
+            x = block1(torch.cat([x, skips.pop()], 1), t)
+            x = attn(block2(torch.cat([x, skips.pop()], 1), t))
+            x = up(x)
+        x = self.final_conv(self.final_res_block(torch.cat([x, r], 1), t))
+        return x.reshape(B, 3, self.cfg.plane_channels, H, W)
+
+
+# A kernel equal to 1 everywhere: target samples are still taken, no gradient is rescaled.
+_NO_KERNEL = DepthKernel(s1=1.0, s2=1.0, c_min=1.0, c_max=1.0)
+
+
+class G3DR(nn.Module):
+    """Generator + decoder + renderer. `forward` is the one call the trainer makes per step, so DDP
+    sees every parameter: image [B,3,H,W] in [0,1], depth [B,1,H,W] (G3DR units), rays [B,R,3],
+    optional target_depth [B,R] (canonical view: target samples + depth-kernel gradient scaling)
+    -> {"planes" [B,3,C,H,W], "rgb" [B,R,3] in [0,1], "depth" [B,R], "opacity" [B,R]}."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        m, r = cfg.model, cfg.render
+        self.generator = TriplaneUNet(m)
+        self.decoder = TriplaneDecoder(m.plane_channels, m.decoder_hidden, 3, lr_multiplier=m.decoder_lr_mul)
+        # depth_kernel=False (the ablation) keeps the target samples but scales no gradient
+        kernel = DepthKernel(r.kernel_s1, r.kernel_s2, r.kernel_c_min, r.kernel_c_max) if r.depth_kernel else _NO_KERNEL
+        self.renderer = TriplaneRenderer(
+            self.decoder, n_coarse=r.n_coarse, n_fine=r.n_fine, n_target=r.n_target, target_prob=r.target_prob,
+            target_spread=r.target_spread, levels=r.levels, box_warp=r.box_warp, plane_axes=r.plane_axes,
+            density_bias=r.density_bias, white_background=r.white_background, kernel=kernel, perturb=r.perturb,
+            backend=r.backend, **_sampling_kwargs(r))
+
+    def planes(self, image: torch.Tensor, depth: torch.Tensor) -> torch.Tensor:
+        """image [B,3,H,W] in [0,1], depth [B,1,H,W] -> planes [B,3,C,H,W] (float32)."""
+        return self.generator(image * 2 - 1, depth).float()
+
+    def forward(self, image, depth, rays_o, rays_d, target_depth=None, generator=None) -> Dict[str, torch.Tensor]:
+        planes = self.planes(image, depth)
+        out = self.renderer(planes, rays_o.float(), rays_d.float(), target_depth=target_depth, generator=generator)
+        return {"planes": planes, "rgb": out.rgb, "depth": out.depth, "opacity": out.opacity}
+
+
+def _sampling_kwargs(r) -> dict:
+    """Sampling options of TriplaneRenderer (sampling="eg3d"/"uniform", target_mode) where supported."""
+    import inspect
+    params = inspect.signature(TriplaneRenderer.__init__).parameters
+    return {k: getattr(r, k) for k in ("sampling", "target_mode") if k in params}
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# Official checkpoints (preddy5/G3DR `checkpoint_generic.pt`)
+# ---------------------------------------------------------------------------------------------
+
+_DECODER_KEYS = {"decoder.net.0.weight": "decoder.weight1", "decoder.net.0.bias": "decoder.bias1",
+                 "decoder.net.2.weight": "decoder.weight2", "decoder.net.2.bias": "decoder.bias2"}
+
+
+def official_to_ours(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Official Unet state dict (optionally with DDP's `module.` prefix) -> G3DR state dict keys."""
+    out = {}
+    for k, v in state.items():
+        k = k[len("module."):] if k.startswith("module.") else k
+        out[_DECODER_KEYS.get(k, k if k.startswith("decoder.") else "generator." + k)] = v
+    return out
+
+
+def load_official_checkpoint(model: G3DR, path: Union[str, Path, Dict]) -> None:
+    """Load an official G3DR checkpoint (`{'model': state_dict, ...}` or a bare state dict) into
+    `model` (built with the `official` preset). Raises ValueError listing missing/unexpected keys
+    and shape mismatches."""
+    ckpt = path if isinstance(path, dict) else torch.load(path, map_location="cpu", weights_only=False)
+    state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: not a G3DR checkpoint (expected a dict with a 'model' state dict)")
+    mapped = official_to_ours(state)
+    ours = model.state_dict()
+    missing = sorted(set(ours) - set(mapped))
+    unexpected = sorted(set(mapped) - set(ours))
+    shapes = sorted(f"{k}: checkpoint {tuple(mapped[k].shape)} vs model {tuple(ours[k].shape)}"
+                    for k in set(ours) & set(mapped) if mapped[k].shape != ours[k].shape)
+    if missing or unexpected or shapes:
+        def head(xs):
+            return ", ".join(xs[:12]) + (f", ... ({len(xs)} in all)" if len(xs) > 12 else "")
+        raise ValueError("official checkpoint does not match the model (build it with the 'official' preset):"
+                         + (f"\n  missing keys: {head(missing)}" if missing else "")
+                         + (f"\n  unexpected keys: {head(unexpected)}" if unexpected else "")
+                         + (f"\n  shape mismatches: {head(shapes)}" if shapes else ""))
+    model.load_state_dict(mapped)

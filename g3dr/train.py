@@ -1,0 +1,279 @@
+"""G3DR training: one readable loop. One CPU, one GPU, or many with torchrun (DDP detected from
+the environment: NCCL on GPU, gloo on CPU).
+
+Everything random is a pure function of (seed, step[, rank]): the data order and flips
+(g3dr/data.py), the branch (canonical or novel, the same on every rank), the novel cameras (drawn
+for the global batch, sliced per rank) and the renderer's sample jitter. With the model and
+optimizer restored from `last.pt`, a resumed run continues exactly as if never stopped.
+
+Run folder: config.yaml, stats.jsonl, checkpoints/{last.pt, step_*.pt}, images/, tb/ (when
+TensorBoard is installed).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from . import cameras, checkpoint, schedules
+from .config import Config, save_yaml
+from .data import StepBatchSampler, build_dataset
+from .losses import Criterion, needs
+from .model import G3DR
+
+
+class RunFolderError(RuntimeError):
+    """The output folder holds a previous run and neither resume nor overwrite was asked for."""
+
+
+def _dist_env():
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return world, int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _device(cfg: Config, local_rank: int) -> torch.device:
+    if cfg.train.device != "auto":
+        return torch.device(cfg.train.device)
+    return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _gen(device, *keys: int) -> torch.Generator:
+    seed = 0
+    for k in keys:
+        seed = (seed * 1_000_003 + int(k)) % (2 ** 63 - 1)
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def prepare_run_dir(out: Path, resume: str, overwrite: bool) -> Optional[Path]:
+    """Returns the checkpoint to resume from (or None). Never deletes a previous run unless
+    overwrite=True, in which case its checkpoints, stats and images are removed."""
+    ck = checkpoint.Checkpointer(out).last
+    if resume not in ("auto", "never") and not Path(resume).exists():
+        raise FileNotFoundError(f"--resume {resume}: no such checkpoint")
+    if resume not in ("auto", "never"):
+        return Path(resume)
+    if resume == "auto" and ck.is_file():
+        return ck
+    occupied = out.exists() and any(p.name in ("checkpoints", "stats.jsonl", "config.yaml") for p in out.iterdir())
+    if occupied and not overwrite:
+        raise RunFolderError(f"{out} already holds a run; use --resume auto to continue it or --overwrite to replace it")
+    if occupied and overwrite:
+        import shutil
+        for name in ("checkpoints", "images", "tb"):
+            shutil.rmtree(out / name, ignore_errors=True)
+        for name in ("stats.jsonl", "config.yaml"):
+            (out / name).unlink(missing_ok=True)
+    return None
+
+
+def _to_images(x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    """[B, H*W, D] or [B, H*W] -> [B, D, H, W]."""
+    x = x if x.dim() == 3 else x[..., None]
+    return x.transpose(1, 2).reshape(x.shape[0], -1, H, W)
+
+
+def _grid_image(model: G3DR, cfg: Config, image, depth, path: Path, device) -> None:
+    """input | canonical render | canonical depth | novel render (yaw +0.3) | novel depth, one row per item."""
+    from PIL import Image
+    n, H = min(4, image.shape[0]), cfg.model.image_size
+    with torch.no_grad():
+        planes = model.planes(image[:n], depth[:n])
+        cols = [image[:n]]
+        for yaw in (cameras.CANONICAL_YAW, cameras.CANONICAL_YAW + 0.3):
+            o, d = cameras.rays(torch.full((n,), yaw), torch.full((n,), cameras.CANONICAL_PITCH), cfg, device=device)
+            out = model.renderer(planes, o, d)
+            dep = _to_images(out.depth, H, H)
+            dep = ((dep - 4) / 2).clamp(0, 1)  # the G3DR depth range [4, 6] -> black..white
+            cols += [_to_images(out.rgb, H, H).clamp(0, 1), dep.expand(-1, 3, -1, -1)]
+        dep_in = ((depth[:n] - 4) / 2).clamp(0, 1).expand(-1, 3, -1, -1)
+        cols.insert(1, dep_in)
+        grid = torch.cat([torch.cat(list(c), 1) for c in cols], 2)  # rows = items, columns = panels
+    arr = (grid.permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.png")
+    Image.fromarray(arr).save(tmp)
+    tmp.replace(path)
+
+
+def train(cfg: Config, out_dir, resume: str = "auto", overwrite: bool = False, progress: bool = True,
+          max_steps: Optional[int] = None) -> Dict:
+    """Train G3DR with `cfg` into run folder `out_dir`. resume: "auto" (continue out_dir's last.pt when
+    present), "never", or a checkpoint path. max_steps stops early (for tests) without changing the
+    schedule. Returns a summary dict (final step, skipped steps, last losses)."""
+    world, rank, local_rank = _dist_env()
+    device = _device(cfg, local_rank)
+    if world > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    out = Path(out_dir)
+    main = rank == 0
+    resume_path = None
+    if main:
+        resume_path = prepare_run_dir(out, resume, overwrite)
+        out.mkdir(parents=True, exist_ok=True)
+        save_yaml(cfg, out / "config.yaml")
+    if world > 1:
+        box = [str(resume_path) if resume_path else ""]
+        dist.broadcast_object_list(box, src=0)
+        resume_path = Path(box[0]) if box[0] else None
+
+    T, B = cfg.train.steps, cfg.train.batch_size
+    seed = cfg.train.seed
+    torch.manual_seed(seed)
+    dataset = build_dataset(cfg)
+    model = G3DR(cfg).to(device)
+    if cfg.train.channels_last:
+        model.generator.to(memory_format=torch.channels_last)
+    opt = torch.optim.Adam(model.parameters(), lr=schedules.learning_rate(cfg, 0), betas=cfg.schedule.betas)
+    start, skipped = 0, 0
+    if resume_path is not None:
+        ck = checkpoint.load(resume_path, map_location=device)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        start, skipped = ck["step"], ck.get("skipped_steps", 0)
+        checkpoint.set_rng_state(ck["rng"])
+        if main and progress:
+            print(f"resumed from {resume_path} at step {start}")
+    gen_net = torch.compile(model.generator) if cfg.train.compile else None
+    if gen_net is not None:
+        model.generator = gen_net
+    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
+    need = needs(cfg)
+    criterion = Criterion(cfg.loss, need["lpips"], need["clip"]).to(device)
+    amp = cfg.train.amp == "bf16" or (cfg.train.amp == "auto" and device.type == "cuda")
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp else nullcontext
+
+    end = T if max_steps is None else min(T, max_steps)
+    sampler = StepBatchSampler(len(dataset), B, end, start, seed, cfg.data.flip, rank, world)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
+                                         pin_memory=device.type == "cuda")
+    H = cfg.model.image_size
+    canon_o, canon_d = cameras.canonical_rays(cfg, B, device=device)
+    ckpt = checkpoint.Checkpointer(out, cfg.train.keep_last)
+    stats_f = open(out / "stats.jsonl", "a") if main else None
+    writer = None
+    if main:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            writer = SummaryWriter(str(out / "tb"))
+        except Exception:  # tensorboard not installed: stats.jsonl only
+            writer = None
+
+    stop = {"signal": None}
+
+    def _on_signal(signum, frame):  # finish the step, save, exit
+        stop["signal"] = signum
+
+    old_handlers = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)} \
+        if threading_main() else {}
+
+    def save(step_done: int) -> None:
+        if main:
+            ckpt.save({"step": step_done, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                       "config": cfg.to_dict(), "rng": checkpoint.rng_state(), "skipped_steps": skipped,
+                       "world_size": world})
+
+    bar = None
+    if main and progress:
+        from tqdm import tqdm
+        bar = tqdm(total=end, initial=start, desc="train", dynamic_ncols=True)
+    terms: Dict[str, torch.Tensor] = {}
+    step = start
+    t_last, n_img = time.perf_counter(), 0
+    try:
+        for step, batch in zip(range(start, end), loader):
+            image = batch["image"].to(device, non_blocking=True)
+            depth = batch["depth"].to(device, non_blocking=True)
+            b = image.shape[0]
+            lr = schedules.learning_rate(cfg, step)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            novel = torch.rand((), generator=_gen("cpu", seed, step, 1)).item() < schedules.p_novel(cfg, step)
+            if novel:
+                yaw, pitch = cameras.sample_novel(cfg, step, b * world, _gen("cpu", seed, step, 2))
+                sl = slice(rank * b, (rank + 1) * b)
+                rays_o, rays_d = cameras.rays(yaw[sl], pitch[sl], cfg, device=device)
+                target = None
+            else:
+                rays_o, rays_d = canon_o[:b], canon_d[:b]
+                target = depth.reshape(b, -1)
+            with autocast():
+                res = ddp(image, depth, rays_o, rays_d, target_depth=target,
+                          generator=_gen(device, seed, step, 3, rank))
+                rendered = {k: _to_images(res[k], H, H) for k in ("rgb", "depth", "opacity")}
+                terms = criterion("novel" if novel else "canon", rendered, image, depth,
+                                  schedules.loss_weights(cfg, step))
+            loss = terms["total"]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip) if cfg.train.grad_clip > 0 \
+                else torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+            ok = torch.isfinite(loss.detach()) & torch.isfinite(norm)
+            if world > 1:
+                flag = ok.float().to(device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+                ok = flag > 0
+            if bool(ok):
+                opt.step()
+            else:
+                skipped += 1
+                opt.zero_grad(set_to_none=True)
+            done = step + 1
+            n_img += b * world
+            if main:
+                if done % cfg.train.log_every == 0 or done == end:
+                    now = time.perf_counter()
+                    rec = {"step": done, "lr": lr, "branch": "novel" if novel else "canon",
+                           "skipped_steps": skipped, "grad_norm": float(norm),
+                           "img_per_s": n_img / max(now - t_last, 1e-9),
+                           **{k: float(v.detach()) for k, v in terms.items()}}
+                    t_last, n_img = now, 0
+                    stats_f.write(json.dumps(rec) + "\n")
+                    stats_f.flush()
+                    if writer is not None:
+                        for k, v in rec.items():
+                            if isinstance(v, (int, float)) and k != "step":
+                                writer.add_scalar(k, v, done)
+                    if bar is not None:
+                        bar.set_postfix({k: f"{float(v):.3f}" for k, v in terms.items()} |
+                                        {"img/s": f"{rec['img_per_s']:.1f}", "skip": skipped})
+                if done % cfg.train.image_every == 0:
+                    _grid_image(model, cfg, image, depth, out / "images" / f"step_{done:08d}.png", device)
+            if bar is not None:
+                bar.update(1)
+            if done % cfg.train.save_every == 0 or done == end or stop["signal"] is not None:
+                save(done)
+            if stop["signal"] is not None:
+                if main and progress:
+                    print(f"\nsignal {stop['signal']}: saved step {done} to {ckpt.last}; resume with --resume auto")
+                break
+        else:
+            if start >= end and main and progress:
+                print(f"nothing to do: the run is already at step {start} of {end}")
+    finally:
+        if bar is not None:
+            bar.close()
+        if stats_f is not None:
+            stats_f.close()
+        if writer is not None:
+            writer.close()
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+    final = step + 1 if end > start else start
+    return {"step": min(final, end), "skipped_steps": skipped, "run_dir": str(out),
+            "losses": {k: float(v.detach()) for k, v in terms.items()}, "interrupted": stop["signal"] is not None}
+
+
+def threading_main() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()
