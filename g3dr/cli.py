@@ -38,7 +38,13 @@ def main(argv=None) -> None:
     d.add_argument("--backend", default="auto", choices=["auto", "torch", "cpu", "triton", "cuda"])
     d.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     _train_parser(sub)
-    args = p.parse_args(argv)
+    args, extra = p.parse_known_args(argv)
+    # section.key=value overrides may stand anywhere among the options
+    bad = [x for x in extra if x.startswith("-") or "=" not in x or getattr(args, "cmd", None) != "train"]
+    if bad:
+        p.error(f"unrecognized arguments: {' '.join(bad)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
     if args.cmd == "demo":
         from .demo import run_demo
         for name in ("res", "views", "n_coarse"):

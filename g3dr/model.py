@@ -269,7 +269,10 @@ def official_to_ours(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     out = {}
     for k, v in state.items():
         k = k[len("module."):] if k.startswith("module.") else k
-        out[_DECODER_KEYS.get(k, k if k.startswith("decoder.") else "generator." + k)] = v
+        ours = _DECODER_KEYS.get(k, k if k.startswith("decoder.") else "generator." + k)
+        out[ours] = v
+        if ours.startswith("decoder."):  # the renderer holds the same decoder module
+            out["renderer." + ours] = v
     return out
 
 

@@ -140,7 +140,6 @@ def train(cfg: Config, out_dir, resume: str = "auto", overwrite: bool = False, p
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         start, skipped = ck["step"], ck.get("skipped_steps", 0)
-        checkpoint.set_rng_state(ck["rng"])
         if main and progress:
             print(f"resumed from {resume_path} at step {start}")
     gen_net = torch.compile(model.generator) if cfg.train.compile else None
@@ -152,6 +151,8 @@ def train(cfg: Config, out_dir, resume: str = "auto", overwrite: bool = False, p
     amp = cfg.train.amp == "bf16" or (cfg.train.amp == "auto" and device.type == "cuda")
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp else nullcontext
 
+    if resume_path is not None:  # after every network is built, so their random init matches a fresh run
+        checkpoint.set_rng_state(ck["rng"])
     end = T if max_steps is None else min(T, max_steps)
     sampler = StepBatchSampler(len(dataset), B, end, start, seed, cfg.data.flip, rank, world)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
