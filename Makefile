@@ -6,7 +6,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # The build imports torch, so torch and the build tools are installed before the package itself.
-BUILD_DEPS := "torch>=2.4" setuptools wheel ninja pybind11 numpy
+# torch and torchvision are pinned as a pair (lpips, open_clip and torchmetrics import torchvision).
+TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
+BUILD_DEPS := $(TORCH_PIN) setuptools wheel ninja pybind11 numpy
 
 .PHONY: setup demo test bench cmake-check clean
 setup: $(VENV)/.g3dr-installed
@@ -15,7 +17,7 @@ $(VENV)/.g3dr-installed: pyproject.toml setup.py csrc/sources.py $(shell find cs
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(BUILD_DEPS)
-	$(PIP) install -q --no-build-isolation -e ".[test]"
+	$(PIP) install -q --no-build-isolation -e ".[test,all]" $(TORCH_PIN)
 	$(PY) -c "import g3dr_kernels as k; print('backends:', {n: v['available'] for n, v in k.backends().items()})"
 	touch $@
 

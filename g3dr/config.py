@@ -358,9 +358,17 @@ def preset(name: str) -> Config:
     return cfg
 
 
+def _yaml():
+    try:
+        import yaml
+    except ImportError as e:
+        raise ImportError(f"PyYAML is needed for config files: pip install 'g3dr[app]' ({e})") from e
+    return yaml
+
+
 def save_yaml(cfg: Config, path: Union[str, Path]) -> None:
     """Write the config as YAML (atomic)."""
-    import yaml
+    yaml = _yaml()
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -368,7 +376,7 @@ def save_yaml(cfg: Config, path: Union[str, Path]) -> None:
 
 
 def load_yaml(path: Union[str, Path]) -> Config:
-    import yaml
+    yaml = _yaml()
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")

@@ -7,7 +7,14 @@
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Several test processes share the cores: one thread each (oversubscribed OpenMP threads spin
+    # and slow small ops by 10-100x); subprocesses started by tests inherit it.
+    os.environ["OMP_NUM_THREADS"] = "1"
 import torch  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
