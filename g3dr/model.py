@@ -227,13 +227,22 @@ class G3DR(nn.Module):
         m, r = cfg.model, cfg.render
         self.generator = TriplaneUNet(m)
         self.decoder = TriplaneDecoder(m.plane_channels, m.decoder_hidden, 3, lr_multiplier=m.decoder_lr_mul)
+        self.renderer = self.make_renderer()
+
+    def make_renderer(self, n_coarse: Optional[int] = None, n_fine: Optional[int] = None,
+                      backend: Optional[str] = None) -> TriplaneRenderer:
+        """A TriplaneRenderer on this model's decoder with the config's options (sample counts and
+        backend overridable, e.g. 64+64 samples for stills)."""
+        r = self.cfg.render
         # depth_kernel=False (the ablation) keeps the target samples but scales no gradient
         kernel = DepthKernel(r.kernel_s1, r.kernel_s2, r.kernel_c_min, r.kernel_c_max) if r.depth_kernel else _NO_KERNEL
-        self.renderer = TriplaneRenderer(
-            self.decoder, n_coarse=r.n_coarse, n_fine=r.n_fine, n_target=r.n_target, target_prob=r.target_prob,
+        n_fine = r.n_fine if n_fine is None else n_fine
+        return TriplaneRenderer(
+            self.decoder, n_coarse=r.n_coarse if n_coarse is None else n_coarse, n_fine=n_fine,
+            n_target=n_fine if r.target_mode == "replace" else r.n_target, target_prob=r.target_prob,
             target_spread=r.target_spread, levels=r.levels, box_warp=r.box_warp, plane_axes=r.plane_axes,
             density_bias=r.density_bias, white_background=r.white_background, kernel=kernel, perturb=r.perturb,
-            backend=r.backend, **_sampling_kwargs(r))
+            backend=backend or r.backend, **_sampling_kwargs(r))
 
     def planes(self, image: torch.Tensor, depth: torch.Tensor) -> torch.Tensor:
         """image [B,3,H,W] in [0,1], depth [B,1,H,W] -> planes [B,3,C,H,W] (float32)."""
@@ -241,8 +250,59 @@ class G3DR(nn.Module):
 
     def forward(self, image, depth, rays_o, rays_d, target_depth=None, generator=None) -> Dict[str, torch.Tensor]:
         planes = self.planes(image, depth)
-        out = self.renderer(planes, rays_o.float(), rays_d.float(), target_depth=target_depth, generator=generator)
+        with torch.autocast(rays_o.device.type, enabled=False):  # the renderer runs in float32
+            out = self.renderer(planes, rays_o.float(), rays_d.float(), target_depth=target_depth,
+                                generator=generator)
         return {"planes": planes, "rgb": out.rgb, "depth": out.depth, "opacity": out.opacity}
+
+    @torch.no_grad()
+    def reconstruct(self, image: torch.Tensor, depth: torch.Tensor) -> torch.Tensor:
+        """image [B,3,H,W] (or [3,H,W]) in [0,1], depth [B,1,H,W] (or [1,H,W] / [H,W]) in G3DR units,
+        at the model's resolution -> planes [B,3,C,H,W]."""
+        image = image[None] if image.dim() == 3 else image
+        depth = depth[None, None] if depth.dim() == 2 else (depth[None] if depth.dim() == 3 else depth)
+        s = self.cfg.model.image_size
+        if image.shape[1:] != (3, s, s) or depth.shape[1:] != (1, s, s) or image.shape[0] != depth.shape[0]:
+            raise ValueError(f"reconstruct: this model takes image [B,3,{s},{s}] and depth [B,1,{s},{s}], got "
+                             f"{list(image.shape)} and {list(depth.shape)}")
+        if not torch.isfinite(depth).all():
+            raise ValueError("reconstruct: depth contains NaN or inf")
+        dev = next(self.parameters()).device
+        return self.planes(image.to(dev).float(), depth.to(dev).float())
+
+    @torch.no_grad()
+    def render(self, planes: torch.Tensor, cameras, resolution: Optional[int] = None, *, n_coarse: Optional[int] = None,
+               n_fine: Optional[int] = None, sigma_scale: float = 1.0, chunk: int = 16384,
+               backend: Optional[str] = None) -> Dict[str, torch.Tensor]:
+        """planes [1 or N,3,C,H,W]; cameras: cam2world [N,4,4] (G3DR's OpenGL frame) or a (yaw [N], pitch [N])
+        pair in radians -> {"rgb" [N,3,R,R] in [0,1], "depth" [N,1,R,R], "opacity" [N,1,R,R]}, R = resolution
+        (default: the training resolution). Chunked over rays, so any resolution fits in memory.
+        sigma_scale multiplies the density field (the paper's Table S1), exactly: rays are rescaled."""
+        from g3dr_kernels.cameras import g3dr_cam2world, g3dr_rays
+        r = self.cfg.render
+        res = resolution or self.cfg.model.image_size
+        dev = planes.device
+        if isinstance(cameras, (tuple, list)):
+            cameras = g3dr_cam2world(cameras[0], cameras[1], r.radius, device=dev)
+        if cameras.dim() != 3 or cameras.shape[1:] != (4, 4):
+            raise ValueError(f"render: cameras must be cam2world [N,4,4] or (yaw, pitch), got {list(cameras.shape)}")
+        N = cameras.shape[0]
+        if planes.dim() != 5 or planes.shape[0] not in (1, N):
+            raise ValueError(f"render: planes must be [1 or N={N},3,C,H,W], got {list(planes.shape)}")
+        if not (sigma_scale > 0 and math.isfinite(sigma_scale)):
+            raise ValueError(f"render: sigma_scale must be a finite number > 0, got {sigma_scale}")
+        renderer = self.make_renderer(n_coarse, n_fine, backend).eval()
+        rays_o, rays_d = g3dr_rays(cameras.to(dev).float(), r.fov, res)
+        rays_d = rays_d / sigma_scale  # density x s == the same field along rays s times slower (depth x s)
+        outs = {"rgb": [], "depth": [], "opacity": []}
+        for i in range(N):
+            p = planes[i:i + 1] if planes.shape[0] == N else planes
+            parts = [renderer(p, rays_o[i:i + 1, a:a + chunk], rays_d[i:i + 1, a:a + chunk])
+                     for a in range(0, res * res, chunk)]
+            outs["rgb"].append(torch.cat([o.rgb for o in parts], 1))
+            outs["depth"].append(torch.cat([o.depth for o in parts], 1) / sigma_scale)
+            outs["opacity"].append(torch.cat([o.opacity for o in parts], 1))
+        return {k: torch.cat(v, 0).transpose(1, 2).reshape(N, -1, res, res) for k, v in outs.items()}
 
 
 def _sampling_kwargs(r) -> dict:

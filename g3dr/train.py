@@ -62,7 +62,7 @@ def prepare_run_dir(out: Path, resume: str, overwrite: bool) -> Optional[Path]:
         return Path(resume)
     if resume == "auto" and ck.is_file():
         return ck
-    occupied = out.exists() and any(p.name in ("checkpoints", "stats.jsonl", "config.yaml") for p in out.iterdir())
+    occupied = out.exists() and any(p.name in ("checkpoints", "stats.jsonl") for p in out.iterdir())
     if occupied and not overwrite:
         raise RunFolderError(f"{out} already holds a run; use --resume auto to continue it or --overwrite to replace it")
     if occupied and overwrite:
@@ -119,8 +119,6 @@ def train(cfg: Config, out_dir, resume: str = "auto", overwrite: bool = False, p
     resume_path = None
     if main:
         resume_path = prepare_run_dir(out, resume, overwrite)
-        out.mkdir(parents=True, exist_ok=True)
-        save_yaml(cfg, out / "config.yaml")
     if world > 1:
         box = [str(resume_path) if resume_path else ""]
         dist.broadcast_object_list(box, src=0)
@@ -148,6 +146,11 @@ def train(cfg: Config, out_dir, resume: str = "auto", overwrite: bool = False, p
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
     need = needs(cfg)
     criterion = Criterion(cfg.loss, need["lpips"], need["clip"]).to(device)
+    if main:  # only now that everything is built: a failed start leaves no folder behind
+        out.mkdir(parents=True, exist_ok=True)
+        save_yaml(cfg, out / "config.yaml")
+    if world > 1:
+        dist.barrier()
     amp = cfg.train.amp == "bf16" or (cfg.train.amp == "auto" and device.type == "cuda")
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp else nullcontext
 

@@ -1,0 +1,173 @@
+"""Inference: a trained checkpoint + an image (+ its depth, given or estimated) -> triplanes ->
+views along a camera trajectory -> colour and depth frames, video (mp4 + GIF), 16-bit depth PNGs
+and the planes themselves.
+
+Python API:
+    model = g3dr.load("runs/x")                      # run folder or checkpoint file
+    planes = model.reconstruct(image, depth)         # [1,3,H,W] in [0,1], [1,1,H,W] in G3DR units
+    views = model.render(planes, (yaw, pitch), 256)  # {"rgb", "depth", "opacity"} [N,*,256,256]
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple, Union
+
+import torch
+
+from . import cameras as cams
+from .checkpoint import load as load_checkpoint
+from .config import Config
+from .data import IMAGE_EXTS, DataError, load_pair
+from .model import G3DR
+
+
+def pick_device(device: Optional[str] = None) -> torch.device:
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def load(ckpt: Union[str, Path], device: Optional[str] = None, backend: Optional[str] = None) -> G3DR:
+    """A g3dr run folder (its checkpoints/last.pt) or checkpoint file -> G3DR in eval mode."""
+    ck = load_checkpoint(ckpt, map_location="cpu")
+    cfg = Config.from_dict(ck["config"])
+    if backend:
+        cfg.render.backend = backend
+    model = G3DR(cfg)
+    try:
+        model.load_state_dict(ck["model"])
+    except RuntimeError as e:
+        raise ValueError(f"checkpoint {ckpt} does not match its own config: {e}") from e
+    return model.to(pick_device(device)).eval()
+
+
+def trajectory(spec: str, n: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """'front' (the official visualiser: yaw +-0.25, pitch +-0.1 rad), 'orbit' (a full turn), or a
+    list of yaw:pitch offsets in radians from the canonical view, e.g. '0:0,0.3:0,-0.3:0.1'."""
+    if spec == "front":
+        return cams.front_circle(n)
+    if spec == "orbit":
+        return cams.orbit(n)
+    try:
+        pairs = [tuple(float(v) for v in item.split(":")) for item in spec.split(",") if item.strip()]
+        if not pairs or any(len(p) != 2 for p in pairs):
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"unknown trajectory {spec!r}: use front, orbit, or yaw:pitch offsets like '0:0,0.3:0.1'")
+    yp = torch.tensor(pairs, dtype=torch.float32)
+    return cams.CANONICAL_YAW + yp[:, 0], cams.CANONICAL_PITCH + yp[:, 1]
+
+
+def load_input(image: Union[str, Path], size: int, depth: Union[str, Path, None] = None,
+               depth_model=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """An image file and its depth (a G3DR depth file, a depth estimator from g3dr.depth, or the
+    `name_depth.png` beside the image) -> image [1,3,s,s] in [0,1], depth [1,1,s,s]."""
+    from .data import depth_path_for
+    image = Path(image)
+    if not image.is_file():
+        raise DataError(f"input image not found: {image}")
+    if depth is None and depth_model is not None:
+        from PIL import Image
+        from .depth import to_g3dr_depth
+        try:
+            with Image.open(image) as im:
+                pil = im.convert("RGB")
+        except Exception as e:
+            raise DataError(f"cannot read image {image}: {e}") from e
+        pred = depth_model.predict([pil])[0]
+        d = to_g3dr_depth(pred, kind=depth_model.kind)
+        import tempfile
+        from .depthio import write_depth_png
+        with tempfile.TemporaryDirectory() as tmp:
+            p = Path(tmp) / "depth.png"
+            write_depth_png(p, d)
+            img, dep = load_pair(image, p, size)
+        return img[None], dep[None]
+    depth = Path(depth) if depth is not None else depth_path_for(image)
+    if depth is None:
+        raise DataError(f"no depth for {image}: pass --depth FILE, or --depth-model DIR to estimate it, or put "
+                        f"{image.stem}_depth.png beside it")
+    img, dep = load_pair(image, depth, size)
+    return img[None], dep[None]
+
+
+def list_inputs(path: Union[str, Path]) -> List[Path]:
+    """An image file, or every image under a folder (recursive; *_depth.png excluded)."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise DataError(f"input not found: {path}")
+    items = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTS and not p.stem.endswith("_depth"))
+    if not items:
+        raise DataError(f"no images under {path}")
+    return items
+
+
+def write_views(views: Dict[str, torch.Tensor], out: Path, fps: float = 12.0, frames: bool = True) -> Dict[str, Path]:
+    """rgb/depth/opacity [N,*,R,R] -> out/{rgb,depth_color,depth16}/NNN.png, video.mp4, video.gif
+    (colour | colourised depth side by side). Returns the written paths."""
+    from PIL import Image
+
+    from .depthio import write_depth_png
+    from .export import apply_colormap, write_video
+    out.mkdir(parents=True, exist_ok=True)
+    rgb = (views["rgb"].clamp(0, 1).permute(0, 2, 3, 1).cpu() * 255).round().to(torch.uint8)
+    depth, opac = views["depth"][:, 0].cpu(), views["opacity"][:, 0].cpu()
+    valid = opac > 0.5
+    lo, hi = _robust_range(depth[valid] if valid.any() else depth.flatten())  # one range for every frame
+    t = (1 - (depth - lo) / (hi - lo)).clamp(0, 1)  # near = the warm end of the map
+    cols = torch.from_numpy(apply_colormap(t.numpy(), "turbo") * 255).round().to(torch.uint8)
+    cols = cols * valid[..., None]  # empty pixels black
+    if frames:
+        for sub in ("rgb", "depth_color", "depth16"):
+            (out / sub).mkdir(exist_ok=True)
+        for i in range(rgb.shape[0]):
+            Image.fromarray(rgb[i].numpy()).save(out / "rgb" / f"{i:03d}.png")
+            Image.fromarray(cols[i].numpy()).save(out / "depth_color" / f"{i:03d}.png")
+            write_depth_png(out / "depth16" / f"{i:03d}.png", depth[i].clamp(4, 6))
+    both = torch.cat([rgb, cols], 2)
+    paths = {"mp4": write_video(both, out / "video.mp4", fps=fps), "gif": write_video(both, out / "video.gif", fps=fps)}
+    return paths
+
+
+def _robust_range(values: torch.Tensor) -> Tuple[float, float]:
+    v = values.float().flatten()
+    if v.numel() > 200_000:
+        v = v[torch.randperm(v.numel(), generator=torch.Generator().manual_seed(0))[:200_000]]
+    lo, hi = torch.quantile(v, 0.02).item(), torch.quantile(v, 0.98).item()
+    return (lo, hi if hi > lo else lo + 1e-3)
+
+
+def render_inputs(ckpt, inputs, out, *, depth=None, depth_model_dir=None, trajectory_spec: str = "front",
+                  n_frames: int = 48, resolution: Optional[int] = None, n_coarse: int = 64, n_fine: int = 64,
+                  sigma_scale: float = 1.0, chunk: int = 16384, device: Optional[str] = None,
+                  backend: Optional[str] = None, fps: float = 12.0, progress: bool = True) -> List[Dict]:
+    """`g3dr render`: every input image -> out/<name>/ (frames, video.mp4, video.gif, planes.pt)."""
+    from tqdm import tqdm
+    model = load(ckpt, device, backend)
+    dev = next(model.parameters()).device
+    items = list_inputs(inputs)
+    if depth is not None and len(items) != 1:
+        raise ValueError("--depth names one depth file; give a single --input image with it")
+    est = None
+    if depth_model_dir is not None:
+        from .depth import load_depth_model
+        est = load_depth_model(depth_model_dir, device=dev)
+    yaw, pitch = trajectory(trajectory_spec, n_frames)
+    out = Path(out)
+    results = []
+    for item in items:
+        img, dep = load_input(item, model.cfg.model.image_size, depth, est)
+        planes = model.reconstruct(img.to(dev), dep.to(dev))
+        frames = {"rgb": [], "depth": [], "opacity": []}
+        for i in tqdm(range(len(yaw)), desc=f"render {item.name}", disable=not progress):
+            v = model.render(planes, (yaw[i:i + 1], pitch[i:i + 1]), resolution, n_coarse=n_coarse, n_fine=n_fine,
+                             sigma_scale=sigma_scale, chunk=chunk)
+            for k in frames:
+                frames[k].append(v[k])
+        views = {k: torch.cat(v, 0) for k, v in frames.items()}
+        dest = out / item.stem
+        paths = write_views(views, dest, fps)
+        torch.save({"planes": planes.cpu(), "config": model.cfg.to_dict(), "image": str(item)}, dest / "planes.pt")
+        results.append({"input": str(item), "out": str(dest), **{k: str(v) for k, v in paths.items()}})
+    return results
+
