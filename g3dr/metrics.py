@@ -91,16 +91,17 @@ def ssim(a: Tensor, b: Tensor, data_range: float = 1.0, window: int = 11, sigma:
          k1: float = 0.01, k2: float = 0.03) -> PerImage:
     """Structural similarity (Wang, Bovik, Sheikh & Simoncelli, IEEE TIP 2004) with an 11x11
     Gaussian window (sigma 1.5), computed on the valid region (no padding) per channel and averaged
-    over pixels and channels: per image [N] and mean. Matches torchmetrics'
-    `structural_similarity_index_measure` with its defaults and skimage with `gaussian_weights=True`.
+    over pixels and channels: per image [N] and mean. Equals scikit-image's `structural_similarity`
+    with gaussian_weights=True, sigma=1.5, use_sample_covariance=False (torchmetrics also averages
+    over reflect-padded borders, so it differs slightly).
 
     a, b: [N,C,H,W] or [C,H,W] in [0, data_range]; H and W must be >= window.
     """
     a, b = _pair(a, b, 4, "[N,C,H,W] images")
+    if not (isinstance(window, int) and window >= 1 and window % 2 == 1):
+        raise ValueError(f"window must be an odd integer >= 1, got {window}")
     if a.shape[-1] < window or a.shape[-2] < window:
         raise ValueError(f"ssim needs images at least {window}x{window} (the window), got [{_shape(a)}]")
-    if window < 1 or window % 2 == 0:
-        raise ValueError(f"window must be an odd size >= 1, got {window}")
     x, y = a.double(), b.double()
     C = x.shape[1]
     g = _gaussian_window(window, sigma, x.dtype, x.device)
@@ -469,9 +470,10 @@ def density_scaled_rays(rays_d: Tensor, s: float, depths: Optional[Tensor] = Non
 
 
 def scale_density(sigma: Tensor, s: float, density_bias: float = -1.0) -> Tensor:
-    """Raw sigma' with softplus(sigma' + bias) = s * softplus(sigma + bias) exactly (any shape), for
-    compositing the density field times s on the unfused path (`composite(scale_density(sigma, s),
-    rgb, depths)`). Uses softplus^-1(y) = y + log(-expm1(-y)), stable for large and small y."""
+    """Raw sigma' with softplus(sigma' + bias) = s * softplus(sigma + bias) exactly (any shape).
+    Apply it to the interval (mid) sigmas of `reference.composite_intervals` to composite the density
+    field times s; `composite` averages per-sample sigmas before the softplus, so per-sample scaling
+    there is only approximate. Uses softplus^-1(y) = y + log(-expm1(-y)), stable for large and small y."""
     s = _check_scale(s)
     y = F.softplus(sigma + density_bias) * s
     tiny = torch.finfo(y.dtype).tiny
