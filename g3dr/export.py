@@ -238,7 +238,9 @@ def extract_mesh(planes, decoder, resolution: int = 256, iso: float = 10.0, bbox
     spacing = ((hi - lo) / (resolution - 1)).numpy()
     vol = F.pad(vol, (1, 1, 1, 1, 1, 1), value=0.0)  # density 0 < iso outside: closes the surface
     verts, faces, _, _ = marching_cubes(vol.numpy(), level=iso, spacing=tuple(spacing), allow_degenerate=False)
-    verts = verts + (lo.numpy() - spacing)  # padded index 0 sits one cell before lo
+    # padded index 0 sits one cell before lo; vertices in the padding cells (where the surface closes
+    # off at the box or crop) are moved onto the box faces, so the cut is flat and inside the box
+    verts = np.clip(verts + (lo.numpy() - spacing), lo.numpy(), hi.numpy())
     mesh = trimesh.Trimesh(vertices=verts, faces=faces, process=True)
     if largest_component:
         parts = mesh.split(only_watertight=False)
