@@ -215,6 +215,27 @@ def _device(m: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
+class _Sized(nn.Module):
+    """An extractor with its feature count attached (torchmetrics' FID otherwise probes the module
+    with a uint8 299x299 image, which a float feature extractor may not accept)."""
+
+    def __init__(self, extractor: nn.Module, num_features: int):
+        super().__init__()
+        self.extractor, self.num_features = extractor, num_features
+
+    def forward(self, x):
+        return self.extractor(x)
+
+
+def _sized(ext: nn.Module, probe: Tensor) -> nn.Module:
+    if isinstance(getattr(ext, "num_features", None), int):
+        return ext
+    f = ext(probe[:1].to(_device(ext)))
+    if not isinstance(f, Tensor) or f.dim() != 2:
+        raise ValueError(f"the extractor must return features [B,F], got [{_shape(f)}] for images [{_shape(probe[:1])}]")
+    return _Sized(ext, f.shape[1])
+
+
 @torch.no_grad()
 def fid(real: Images, fake: Images, extractor: nn.Module, batch_size: int = 64) -> float:
     """Fréchet Inception Distance (Heusel et al., NeurIPS 2017) between two image sets, through
@@ -224,10 +245,13 @@ def fid(real: Images, fake: Images, extractor: nn.Module, batch_size: int = 64) 
     from torchmetrics.image.fid import FrechetInceptionDistance
     ext = _check_extractor(extractor)
     dev = _device(ext)
-    m = FrechetInceptionDistance(feature=ext, normalize=False).to(dev)
-    for x in _batches(real, batch_size):
+    real_b, fake_b = list(_batches(real, batch_size)), list(_batches(fake, batch_size))
+    if not real_b or not fake_b:
+        raise ValueError("fid needs at least 2 real and 2 fake images, got an empty set")
+    m = FrechetInceptionDistance(feature=_sized(ext, real_b[0]), normalize=False).to(dev)
+    for x in real_b:
         m.update(x.to(dev), real=True)
-    for x in _batches(fake, batch_size):
+    for x in fake_b:
         m.update(x.to(dev), real=False)
     return float(m.compute())
 

@@ -102,6 +102,8 @@ def test_fid_identical_sets_near_zero_and_different_sets_not():
     fake = (real * 0.5 + 0.4).clamp(0, 1)
     assert M.fid(real, fake, ext) > 1e-3
     assert M.fid([real[:20], real[20:]], real, ext) == pytest.approx(0.0, abs=1e-4)  # iterables of batches work
+    plain = nn.Sequential(nn.Conv2d(3, 5, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())  # float-only, no num_features
+    assert abs(M.fid(real, real, plain)) < 1e-4 and M.fid(real, fake, plain) > 1e-4
 
 
 def test_kid_identical_near_zero():
