@@ -140,6 +140,18 @@ def test_save_mesh_bad_input_leaves_nothing(sphere_mesh, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["file"]
 
 
+def test_unwritable_folder_is_named(sphere_mesh, tmp_path, monkeypatch):
+    def denied(*a, **k):  # what a read-only folder gives (root ignores chmod, so it is simulated)
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(E.tempfile, "mkstemp", denied)
+    with pytest.raises(PermissionError, match=f"folder {tmp_path} is not writable"):
+        E.save_mesh(sphere_mesh, tmp_path / "m.ply")
+    with pytest.raises(PermissionError, match="not writable"):
+        E.save_voxels(tmp_path / "v.npz", torch.zeros(2, 2, 2, dtype=torch.bool))
+    assert os.listdir(tmp_path) == []
+
+
 def test_atomic_write_cleans_up_on_failure(tmp_path):
     target = tmp_path / "v.gif"
     target.write_bytes(b"old")
