@@ -50,7 +50,8 @@ def _check_out(path: PathLike, formats: Sequence[str], what: str) -> Path:
     path = Path(path)
     ext = path.suffix.lower()
     if ext not in formats:
-        raise ValueError(f"unknown {what} format {ext or '(no extension)'!r} for {path}; use one of {', '.join(formats)}")
+        raise ValueError(f"unknown {what} format {ext or '(no extension)'!r} for {path}; "
+                         f"use one of {', '.join(formats)}")
     parent = path.parent
     if not parent.exists():
         raise FileNotFoundError(f"cannot write {path}: the folder {parent} does not exist")

@@ -232,7 +232,8 @@ def _sized(ext: nn.Module, probe: Tensor) -> nn.Module:
         return ext
     f = ext(probe[:1].to(_device(ext)))
     if not isinstance(f, Tensor) or f.dim() != 2:
-        raise ValueError(f"the extractor must return features [B,F], got [{_shape(f)}] for images [{_shape(probe[:1])}]")
+        raise ValueError(f"the extractor must return features [B,F], got [{_shape(f)}] for images "
+                         f"[{_shape(probe[:1])}]")
     return _Sized(ext, f.shape[1])
 
 

@@ -82,6 +82,16 @@ def test_density_grid_matches_the_field(sphere):
     torch.testing.assert_close(cells[0, 0, 0], torch.tensor([0.125, 0.25, 0.5], dtype=torch.float64))
 
 
+def test_query_field_backends_agree(sphere):
+    planes, dec = sphere
+    pts = (torch.rand(500, 3) * 2 - 1) * 0.95  # off the outer half-texel, where zero padding blends in
+    d_ref, c_ref = E.query_field(planes, dec, pts, levels=1, backend="torch")
+    d, c = E.query_field(planes, dec, pts, levels=1, chunk=64)  # auto: the C++ kernel when built
+    torch.testing.assert_close(d, d_ref, rtol=1e-4, atol=1e-3)  # density up to ~140: fp32 sampling sums
+    torch.testing.assert_close(c, c_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(c_ref.double(), expected_color(pts), atol=1e-5, rtol=0)  # the colour field
+
+
 def test_sphere_mesh_area_volume_and_colours(sphere_mesh):
     m = sphere_mesh
     assert m.is_watertight and m.is_winding_consistent
