@@ -3,7 +3,7 @@
 - `density_grid`: density softplus(sigma + density_bias) on a regular grid, chunked through the fused
   `g3dr_kernels.sample_triplanes` and the decoder (no gradient); `query_field` for any points.
 - `extract_mesh` (marching cubes, scikit-image) -> trimesh.Trimesh with per-vertex colour queried at the
-  vertices; `save_mesh` -> .glb / .obj / .ply.
+  vertices; `save_mesh` -> .glb / .obj / .ply; `mesh_points` samples its surface (for Chamfer / F-score).
 - `depth_mesh`: one view's depth map as a triangulated height field with colours, cut at depth jumps
   (G3DR scenes are opaque front surfaces, so this is often the cleanest export).
 - `voxel_occupancy`, `save_voxels` / `load_voxels`: .npy, .npz, .binvox.
@@ -262,6 +262,18 @@ def extract_mesh(planes, decoder, resolution: int = 256, iso: float = 10.0, bbox
     _, rgb = query_field(planes, decoder, pts, **kw)
     mesh.visual.vertex_colors = _colors_u8(rgb)
     return mesh
+
+
+def mesh_points(mesh, n: int, seed: int = 0) -> Tensor:
+    """n points [n,3] (float64, world units) sampled uniformly by area on a trimesh mesh, e.g. for
+    `g3dr.metrics.chamfer` / `fscore` against points on the true surface."""
+    trimesh = _trimesh()
+    if not isinstance(mesh, trimesh.Trimesh) or len(mesh.faces) == 0:
+        raise ValueError(f"mesh must be a non-empty trimesh.Trimesh, got {type(mesh).__name__}")
+    if not (isinstance(n, int) and n >= 1):
+        raise ValueError(f"n must be an integer >= 1, got {n!r}")
+    pts, _ = trimesh.sample.sample_surface(mesh, n, seed=seed)
+    return torch.from_numpy(np.asarray(pts, dtype=np.float64))
 
 
 def save_mesh(mesh, path: PathLike) -> Path:

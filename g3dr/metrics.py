@@ -3,7 +3,7 @@
 Images are [N,3,H,W] (or [3,H,W]) floats in [0, data_range]; depth maps are [N,H,W] (or [H,W]) in
 scene units (G3DR: distance along the ray); point sets are [N,3]; occupancy grids are bool.
 
-- 2D quality vs truth: `psnr`, `ssim`, `lpips_distance`
+- 2D quality vs truth: `psnr`, `ssim`, `lpips_distance`; `view_metrics` bundles them with `depth_errors`
 - distributions: `fid`, `kid`, `inception_score` (torchmetrics) on `inception_extractor(path)` or any
   feature-extractor module
 - geometry proxies of the paper: `nfs` (3DGP's non-flatness score), `depth_accuracy`
@@ -375,6 +375,26 @@ def depth_errors(pred: Tensor, true: Tensor, mask: Optional[Tensor] = None) -> d
         raise ValueError("depth_errors: the mask selects no pixel")
     return {"abs_mean": float(err.mean()), "abs_median": float(err.median()),
             "rmse": float(err.pow(2).mean().sqrt()), "count": int(err.numel())}
+
+
+def view_metrics(pred_rgb: Tensor, true_rgb: Tensor, pred_depth: Optional[Tensor] = None,
+                 true_depth: Optional[Tensor] = None, mask: Optional[Tensor] = None,
+                 lpips_net: Optional[nn.Module] = None) -> dict:
+    """The novel-view numbers against ground truth for one batch of views, as a flat dict of floats:
+    psnr, ssim (when H, W >= 11), lpips (when `lpips_net` is given) on images [N,3,H,W] in [0,1], and
+    depth_abs_mean / depth_abs_median / depth_rmse on depths [N,H,W] over `mask` [N,H,W] (e.g. the
+    pixels whose true ray hits the scene) when depths are given. PSNR averages per-image dB values."""
+    out = {"psnr": psnr(pred_rgb, true_rgb).mean}
+    if min(pred_rgb.shape[-2:]) >= 11:
+        out["ssim"] = ssim(pred_rgb, true_rgb).mean
+    if lpips_net is not None:
+        out["lpips"] = lpips_distance(pred_rgb, true_rgb, lpips_net).mean
+    if (pred_depth is None) != (true_depth is None):
+        raise ValueError("give both pred_depth and true_depth, or neither")
+    if pred_depth is not None:
+        e = depth_errors(pred_depth, true_depth, mask)
+        out.update(depth_abs_mean=e["abs_mean"], depth_abs_median=e["abs_median"], depth_rmse=e["rmse"])
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

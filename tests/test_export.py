@@ -105,6 +105,17 @@ def test_sphere_mesh_area_volume_and_colours(sphere_mesh):
     torch.testing.assert_close(got, expected_color(m.vertices), atol=1 / 255, rtol=0)  # uint8 rounding
 
 
+def test_mesh_points_chamfer_against_the_true_sphere(sphere_mesh):
+    from g3dr import metrics as M
+    pts = E.mesh_points(sphere_mesh, 4000, seed=0)
+    assert pts.shape == (4000, 3) and pts.dtype == torch.float64
+    assert (pts.norm(dim=1) - R_SPHERE).abs().max() < 0.01  # on the exported surface, hence on the sphere
+    truth = F.normalize(torch.randn(4000, 3, dtype=torch.float64), dim=1) * R_SPHERE
+    assert M.fscore(pts, truth, 0.05)["fscore"] > 0.99
+    with pytest.raises(ValueError, match="n must be"):
+        E.mesh_points(sphere_mesh, 0)
+
+
 @pytest.mark.parametrize("ext", [".glb", ".obj", ".ply"])
 def test_save_mesh_every_format_reloads(sphere_mesh, tmp_path, ext):
     path = E.save_mesh(sphere_mesh, tmp_path / f"sphere{ext}")

@@ -335,3 +335,17 @@ def test_density_scaled_rays_render_the_scaled_density_field():
             assert (got.opacity > base.opacity).all()  # denser field, more opaque rays
         else:
             base = got
+
+
+def test_view_metrics_bundle():
+    rgb = torch.rand(2, 3, 12, 12)
+    depth = torch.rand(2, 12, 12) + 4
+    out = M.view_metrics(rgb, rgb, depth + 0.25, depth)
+    assert math.isinf(out["psnr"]) and out["ssim"] == pytest.approx(1.0)
+    assert out["depth_abs_mean"] == pytest.approx(0.25, abs=1e-6)
+    assert out["depth_abs_median"] == pytest.approx(0.25, abs=1e-6)
+    assert "lpips" not in out
+    small = M.view_metrics(rgb[..., :8, :8], (rgb[..., :8, :8] + 0.1).clamp(0, 1))
+    assert set(small) == {"psnr"} and small["psnr"] < 30
+    with pytest.raises(ValueError, match="both"):
+        M.view_metrics(rgb, rgb, pred_depth=depth)
