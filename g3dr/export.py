@@ -12,6 +12,12 @@ Every file write is atomic: a temp file in the target folder, then a rename; not
 left behind on failure. 16-bit depth PNGs: `g3dr.depthio`.
 Units: world (scene) units throughout; G3DR's box is [-box_warp/2, box_warp/2]^3 = [-1, 1]^3.
 Optional packages: `pip install "g3dr[export]"` (scikit-image, trimesh, imageio, imageio-ffmpeg).
+
+Example (planes [1,3,C,H,W] of one scene and its TriplaneDecoder, levels as trained):
+    mesh = extract_mesh(planes, decoder, resolution=256, iso=10.0, levels=3, largest_component=True)
+    save_mesh(mesh, "scene.glb")
+    save_voxels("scene.binvox", voxel_occupancy(planes, decoder, 64, levels=3))
+    write_video(frames_uint8_THW3, "turntable.mp4", fps=24)
 """
 from __future__ import annotations
 

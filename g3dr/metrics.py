@@ -12,6 +12,11 @@ scene units (G3DR: distance along the ray); point sets are [N,3]; occupancy grid
 
 The heavy optional packages (torchmetrics, torch-fidelity, scipy) load inside the functions that use
 them: `pip install "g3dr[eval]"`.
+
+Example:
+    nfs(depths, 4.0, 6.0)                                 # depths [256,H,W] rendered at the canonical view
+    fid(real, fake, inception_extractor("weights/" + INCEPTION_WEIGHTS_FILE))
+    d, t = density_scaled_rays(rays_d, 10.0, depths)      # Table S1, s = 10; rendered depth / 10
 """
 from __future__ import annotations
 
