@@ -234,6 +234,8 @@ def extract_mesh(planes, decoder, resolution: int = 256, iso: float = 10.0, bbox
         raise ImportError("mesh export needs scikit-image: pip install 'g3dr[export]'") from e
     if not iso > 0:
         raise ValueError(f"iso must be a density > 0 (densities are softplus outputs, >= 0), got {iso}")
+    if decimate is not None and not (isinstance(decimate, int) and decimate >= 4):
+        raise ValueError(f"decimate must be a target face count >= 4, got {decimate!r}")
     kw = dict(levels=levels, box_warp=box_warp, plane_axes=plane_axes, density_bias=density_bias, chunk=chunk,
               backend=backend)
     vol = density_grid(planes, decoder, resolution, bbox=bbox, **kw)
@@ -254,8 +256,6 @@ def extract_mesh(planes, decoder, resolution: int = 256, iso: float = 10.0, bbox
         if len(parts) > 1:
             mesh = max(parts, key=lambda m: m.area)
     if decimate is not None:
-        if not (isinstance(decimate, int) and decimate >= 4):
-            raise ValueError(f"decimate must be a target face count >= 4, got {decimate!r}")
         if decimate < len(mesh.faces):
             try:
                 mesh = mesh.simplify_quadric_decimation(face_count=decimate)

@@ -141,6 +141,8 @@ def test_extract_mesh_options(sphere):
     small = E.extract_mesh(planes, params, resolution=32, iso=ISO, levels=1, decimate=300, largest_component=True)
     assert len(small.faces) <= 330 and small.volume > 0
     assert len(small.visual.vertex_colors) == len(small.vertices)  # colours queried after decimation
+    with pytest.raises(ValueError, match="decimate"):
+        E.extract_mesh(planes, params, resolution=16, levels=1, decimate=2.5)
     with pytest.raises(ValueError, match="no surface"):
         E.extract_mesh(planes, params, resolution=16, iso=1e6, levels=1)
     with pytest.raises(ValueError, match="bbox"):
