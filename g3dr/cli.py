@@ -28,15 +28,15 @@ def _train_parser(sub):
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="g3dr", description="G3DR on fast triplane kernels")
     sub = p.add_subparsers(dest="cmd", required=True)
-    d = sub.add_parser("demo", help="render the built-in procedural scene on a turntable; time every backend")
-    d.add_argument("--out", default="outputs/demo", help="output folder (PNG strip + GIF)")
-    d.add_argument("--res", type=int, default=64, help="image resolution")
-    d.add_argument("--views", type=int, default=8, help="turntable views")
-    d.add_argument("--fov", type=float, default=30.0, help="vertical field of view, degrees")
-    d.add_argument("--n-coarse", type=int, default=32)
-    d.add_argument("--n-fine", type=int, default=32)
+    d = sub.add_parser("demo", help="G3DR end to end on built-in scenes: train briefly, reconstruct, render, export, "
+                                     "score against ground truth, time the kernels")
+    d.add_argument("--out", default="outputs/demo", help="output folder")
+    d.add_argument("--quick", action="store_true", help="the tiny preset, a few steps (seconds)")
+    d.add_argument("--steps", type=int, default=None, help="training steps (default: 60, quick: 3)")
+    d.add_argument("--frames", type=int, default=None, help="turntable frames (default: 36, quick: 8)")
     d.add_argument("--backend", default="auto", choices=["auto", "torch", "cpu", "triton", "cuda"])
     d.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    d.add_argument("--no-timings", action="store_true", help="skip the kernel timing table")
     _train_parser(sub)
     args, extra = p.parse_known_args(argv)
     # section.key=value overrides may stand anywhere among the options
@@ -47,11 +47,11 @@ def main(argv=None) -> None:
         args.overrides = list(args.overrides) + extra
     if args.cmd == "demo":
         from .demo import run_demo
-        for name in ("res", "views", "n_coarse"):
-            if getattr(args, name) < (2 if name == "n_coarse" else 1):
-                p.error(f"--{name.replace('_', '-')} is too small: {getattr(args, name)}")
-        run_demo(args.out, res=args.res, views=args.views, fov=args.fov, n_coarse=args.n_coarse, n_fine=args.n_fine,
-                 backend=args.backend, device=args.device)
+        for name in ("steps", "frames"):
+            if getattr(args, name) is not None and getattr(args, name) < 1:
+                p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+        run_demo(args.out, quick=args.quick, steps=args.steps, device=args.device, backend=args.backend,
+                 frames=args.frames, timings=not args.no_timings)
     elif args.cmd == "train":
         from .config import resolve
         from .train import RunFolderError, train

@@ -302,7 +302,9 @@ class G3DR(nn.Module):
             outs["rgb"].append(torch.cat([o.rgb for o in parts], 1))
             outs["depth"].append(torch.cat([o.depth for o in parts], 1) / sigma_scale)
             outs["opacity"].append(torch.cat([o.opacity for o in parts], 1))
-        return {k: torch.cat(v, 0).transpose(1, 2).reshape(N, -1, res, res) for k, v in outs.items()}
+        cat = {k: torch.cat(v, 0) for k, v in outs.items()}  # rgb [N,R*R,3]; depth, opacity [N,R*R]
+        return {k: (v if v.dim() == 3 else v[..., None]).transpose(1, 2).reshape(N, -1, res, res)
+                for k, v in cat.items()}
 
 
 def _sampling_kwargs(r) -> dict:

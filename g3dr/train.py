@@ -249,7 +249,7 @@ def train(cfg: Config, out_dir, resume: str = "auto", overwrite: bool = False, p
                             if isinstance(v, (int, float)) and k != "step":
                                 writer.add_scalar(k, v, done)
                     if bar is not None:
-                        bar.set_postfix({k: f"{float(v):.3f}" for k, v in terms.items()} |
+                        bar.set_postfix({k: f"{float(v.detach()):.3f}" for k, v in terms.items()} |
                                         {"img/s": f"{rec['img_per_s']:.1f}", "skip": skipped})
                 if done % cfg.train.image_every == 0:
                     _grid_image(model, cfg, image, depth, out / "images" / f"step_{done:08d}.png", device)

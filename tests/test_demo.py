@@ -1,26 +1,27 @@
-"""The main job end to end, on tiny settings."""
+"""The main job end to end (`g3dr demo --quick`: tiny preset, a few steps)."""
 import pytest
 from PIL import Image
 
 from g3dr.cli import main
 
 
-def test_demo_writes_pictures_and_table(tmp_path, capsys):
-    main(["demo", "--out", str(tmp_path), "--res", "16", "--views", "3", "--n-coarse", "8", "--n-fine", "8",
-          "--device", "cpu"])
-    strip = Image.open(tmp_path / "turntable.png")
-    assert strip.size == (3 * 16, 2 * 16)  # colour row over depth row
-    gif = Image.open(tmp_path / "turntable.gif")
-    assert gif.n_frames == 3
+def test_demo_quick_end_to_end(tmp_path, capsys):
+    main(["demo", "--quick", "--out", str(tmp_path), "--device", "cpu", "--frames", "4"])
     out = capsys.readouterr().out
-    assert "backend" in out and "torch" in out and "speed-up" in out
-    # the planet is in the middle of the first view: not all white
-    px = strip.convert("RGB").getpixel((8, 8))
-    assert px != (255, 255, 255)
+    strip = Image.open(tmp_path / "turntable.png")
+    assert strip.size == (4 * 16, 2 * 16)  # colour row over depth row, one column per view
+    assert Image.open(tmp_path / "turntable" / "video.gif").n_frames >= 2
+    assert (tmp_path / "turntable" / "video.mp4").stat().st_size > 0
+    assert (tmp_path / "depth_mesh.glb").stat().st_size > 0
+    assert (tmp_path / "run" / "checkpoints" / "last.pt").is_file()
+    assert "PSNR" in out and "depth err" in out and "speed-up" in out and "torch" in out
+    # a second run resumes the finished training run instead of failing on the existing folder
+    main(["demo", "--quick", "--out", str(tmp_path), "--device", "cpu", "--frames", "4", "--no-timings"])
+    assert "speed-up" not in capsys.readouterr().out
 
 
 def test_demo_rejects_bad_arguments():
     with pytest.raises(SystemExit):
-        main(["demo", "--res", "0"])
+        main(["demo", "--steps", "0"])
     with pytest.raises(SystemExit):
         main(["demo", "--backend", "gpu"])
