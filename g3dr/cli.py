@@ -1,7 +1,9 @@
 """Command line: thin argument parsing over Python functions a user can call too.
 
-  g3dr demo                      the main job (see g3dr/demo.py)
+  g3dr demo [--quick]            the main job (see g3dr/demo.py)
   g3dr train --config P --data D --out RUN [key=value ...]   (torchrun ... -m g3dr train ... for DDP)
+  g3dr render --ckpt RUN --input IMG|DIR --out DIR           views, video, depth maps, planes
+  g3dr export --ckpt RUN --input IMG|planes.pt --out mesh.glb  meshes, depth mesh, voxels
 """
 from __future__ import annotations
 
@@ -25,6 +27,22 @@ def _train_parser(sub):
     return t
 
 
+def _input_args(q):
+    q.add_argument("--ckpt", required=True, help="g3dr run folder or checkpoint file")
+    q.add_argument("--depth", default=None, help="depth file for a single input (16-bit G3DR PNG or .npy); "
+                                                 "default: name_depth.png beside the image")
+    q.add_argument("--depth-model", default=None, help="local transformers depth model folder to estimate depth")
+    q.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    q.add_argument("--backend", default=None, choices=["auto", "torch", "cpu", "triton", "cuda"])
+
+
+def _floats(text: str):
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="g3dr", description="G3DR on fast triplane kernels")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -38,6 +56,31 @@ def main(argv=None) -> None:
     d.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     d.add_argument("--no-timings", action="store_true", help="skip the kernel timing table")
     _train_parser(sub)
+    r = sub.add_parser("render", help="image(s) (+ depth) -> triplanes -> frames, mp4, GIF, 16-bit depth, planes.pt")
+    _input_args(r)
+    r.add_argument("--input", required=True, help="an image or a folder of images")
+    r.add_argument("--out", required=True, help="output folder (one subfolder per input)")
+    r.add_argument("--trajectory", default="front", help="front (yaw +-0.25, pitch +-0.1), orbit, or yaw:pitch "
+                                                         "offsets in radians, e.g. 0:0,0.3:0.1")
+    r.add_argument("--frames", type=int, default=48, help="frames for front/orbit")
+    r.add_argument("--resolution", type=int, default=None, help="output size (default: the training size)")
+    r.add_argument("--n-coarse", type=int, default=64)
+    r.add_argument("--n-fine", type=int, default=64)
+    r.add_argument("--sigma-scale", type=float, default=1.0, help="multiply the density field (paper Table S1)")
+    r.add_argument("--chunk", type=int, default=16384, help="rays per render call (memory)")
+    r.add_argument("--fps", type=float, default=12.0)
+    e = sub.add_parser("export", help="triplanes -> mesh (.glb/.obj/.ply), depth mesh, voxels (.npy/.npz/.binvox)")
+    _input_args(e)
+    e.add_argument("--input", required=True, help="an image (+ depth) or a planes.pt written by g3dr render")
+    e.add_argument("--out", default=None, help="marching-cubes mesh file: .glb, .obj or .ply")
+    e.add_argument("--resolution", type=int, default=256, help="density grid resolution")
+    e.add_argument("--iso", type=float, default=10.0, help="density level of the surface (per world unit)")
+    e.add_argument("--crop", type=_floats, default=None, help="box x0,y0,z0,x1,y1,z1 (default: the scene box)")
+    e.add_argument("--largest", action="store_true", help="keep the largest connected component only")
+    e.add_argument("--decimate", type=int, default=None, help="target face count")
+    e.add_argument("--depth-mesh", default=None, help="also write the canonical view as a depth mesh (.glb/.obj/.ply)")
+    e.add_argument("--voxels", default=None, help="also write voxel occupancy (.npy/.npz/.binvox)")
+    e.add_argument("--voxel-res", type=int, default=64)
     args, extra = p.parse_known_args(argv)
     # section.key=value overrides may stand anywhere among the options
     bad = [x for x in extra if x.startswith("-") or "=" not in x or getattr(args, "cmd", None) != "train"]
@@ -52,6 +95,31 @@ def main(argv=None) -> None:
                 p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
         run_demo(args.out, quick=args.quick, steps=args.steps, device=args.device, backend=args.backend,
                  frames=args.frames, timings=not args.no_timings)
+    elif args.cmd in ("render", "export"):
+        from .infer import export_inputs, render_inputs
+        for name in ("frames", "resolution", "n_coarse", "chunk", "voxel_res"):
+            v = getattr(args, name, None)
+            if v is not None and v < (2 if name in ("n_coarse", "resolution", "voxel_res") else 1):
+                p.error(f"--{name.replace('_', '-')} is too small: {v}")
+        try:
+            if args.cmd == "render":
+                res = render_inputs(args.ckpt, args.input, args.out, depth=args.depth, depth_model_dir=args.depth_model,
+                                    trajectory_spec=args.trajectory, n_frames=args.frames, resolution=args.resolution,
+                                    n_coarse=args.n_coarse, n_fine=args.n_fine, sigma_scale=args.sigma_scale,
+                                    chunk=args.chunk, device=args.device, backend=args.backend, fps=args.fps)
+                for item in res:
+                    print(f"{item['input']} -> {item['out']} ({item['mp4']}, {item['gif']})")
+            else:
+                res = export_inputs(args.ckpt, args.input, args.out, depth=args.depth, depth_model_dir=args.depth_model,
+                                    resolution=args.resolution, iso=args.iso, crop=args.crop,
+                                    largest_component=args.largest, decimate=args.decimate,
+                                    depth_mesh_out=args.depth_mesh, voxels_out=args.voxels,
+                                    voxel_resolution=args.voxel_res, device=args.device, backend=args.backend)
+                for k, v in res.items():
+                    print(f"{k}: {v}")
+        except (ValueError, OSError) as err:
+            print(f"g3dr {args.cmd}: error: {err}", file=sys.stderr)
+            raise SystemExit(2)
     elif args.cmd == "train":
         from .config import resolve
         from .train import RunFolderError, train

@@ -171,3 +171,67 @@ def render_inputs(ckpt, inputs, out, *, depth=None, depth_model_dir=None, trajec
         results.append({"input": str(item), "out": str(dest), **{k: str(v) for k, v in paths.items()}})
     return results
 
+
+
+def planes_for(model: G3DR, source: Union[str, Path], depth=None, depth_model_dir=None) -> torch.Tensor:
+    """planes [1,3,C,H,W] from a `planes.pt` written by `g3dr render`, or from an image (+ depth)."""
+    source = Path(source)
+    dev = next(model.parameters()).device
+    if source.suffix == ".pt":
+        try:
+            blob = torch.load(source, map_location=dev, weights_only=False)
+            planes = blob["planes"] if isinstance(blob, dict) else blob
+        except Exception as e:
+            raise ValueError(f"cannot read planes from {source}: {e}") from e
+        C, s = model.cfg.model.plane_channels, model.cfg.model.image_size
+        if not isinstance(planes, torch.Tensor) or planes.dim() != 5 or planes.shape[1:3] != (3, C):
+            raise ValueError(f"{source}: expected planes [B,3,{C},H,W] for this model, got "
+                             f"{list(getattr(planes, 'shape', []))}")
+        return planes[:1].to(dev).float()
+    est = None
+    if depth_model_dir is not None:
+        from .depth import load_depth_model
+        est = load_depth_model(depth_model_dir, device=dev)
+    img, dep = load_input(source, model.cfg.model.image_size, depth, est)
+    return model.reconstruct(img.to(dev), dep.to(dev))
+
+
+def export_inputs(ckpt, source, out, *, depth=None, depth_model_dir=None, resolution: int = 256, iso: float = 10.0,
+                  crop: Optional[Tuple[float, ...]] = None, largest_component: bool = False,
+                  decimate: Optional[int] = None, depth_mesh_out=None, voxels_out=None, voxel_resolution: int = 64,
+                  device: Optional[str] = None, backend: Optional[str] = None) -> Dict[str, str]:
+    """`g3dr export`: planes (or an image) -> a marching-cubes mesh with vertex colours (`out`: .glb/.obj/.ply),
+    optionally the canonical view as a depth mesh and a voxel occupancy grid (.npy/.npz/.binvox)."""
+    from g3dr_kernels.cameras import g3dr_cam2world, g3dr_rays
+
+    from .export import depth_mesh, extract_mesh, save_mesh, save_voxels, voxel_occupancy
+    for path, formats in ((out, (".glb", ".obj", ".ply")), (depth_mesh_out, (".glb", ".obj", ".ply")),
+                          (voxels_out, (".npy", ".npz", ".binvox"))):
+        if path is not None and Path(path).suffix.lower() not in formats:  # before any expensive work
+            raise ValueError(f"{path}: unknown format {Path(path).suffix!r}; use one of {', '.join(formats)}")
+    model = load(ckpt, device, backend)
+    r = model.cfg.render
+    planes = planes_for(model, source, depth, depth_model_dir)
+    bbox = None
+    if crop is not None:
+        if len(crop) != 6:
+            raise ValueError(f"--crop takes six numbers x0,y0,z0,x1,y1,z1, got {crop}")
+        bbox = (tuple(crop[:3]), tuple(crop[3:]))
+    kw = dict(levels=r.levels, box_warp=r.box_warp, plane_axes=r.plane_axes, density_bias=r.density_bias)
+    written = {}
+    if out is not None:
+        mesh = extract_mesh(planes, model.decoder, resolution, iso, bbox, largest_component, decimate, **kw)
+        written["mesh"] = str(save_mesh(mesh, out))
+    if depth_mesh_out is not None:
+        cy, cp = cams.CANONICAL_YAW, cams.CANONICAL_PITCH
+        res = model.cfg.model.image_size
+        v = model.render(planes, (torch.tensor([cy]), torch.tensor([cp])), res)
+        o, d = g3dr_rays(g3dr_cam2world(cy, cp, r.radius), r.fov, res)
+        dm = depth_mesh(v["rgb"][0].cpu(), v["depth"][0, 0].cpu(), o[0], d[0], mask=v["opacity"][0, 0].cpu() > 0.5)
+        written["depth_mesh"] = str(save_mesh(dm, depth_mesh_out))
+    if voxels_out is not None:
+        occ = voxel_occupancy(planes, model.decoder, voxel_resolution, iso=iso, bbox=bbox, **kw)
+        written["voxels"] = str(save_voxels(voxels_out, occ, bbox, r.box_warp))
+    if not written:
+        raise ValueError("nothing to export: give --out, --depth-mesh and/or --voxels")
+    return written
