@@ -140,9 +140,8 @@ def train(cfg: Config, out_dir, resume: str = "auto", overwrite: bool = False, p
         start, skipped = ck["step"], ck.get("skipped_steps", 0)
         if main and progress:
             print(f"resumed from {resume_path} at step {start}")
-    gen_net = torch.compile(model.generator) if cfg.train.compile else None
-    if gen_net is not None:
-        model.generator = gen_net
+    if cfg.train.compile:  # compile the U-Net's forward in place: parameter names (and checkpoints) unchanged
+        model.generator.forward = torch.compile(model.generator.forward)
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
     need = needs(cfg)
     criterion = Criterion(cfg.loss, need["lpips"], need["clip"]).to(device)
