@@ -246,13 +246,18 @@ def stratified_depths(near: torch.Tensor, far: torch.Tensor, n_samples: int, *, 
 
 def eg3d_stratified_depths(near: torch.Tensor, far: torch.Tensor, n_samples: int, *,
                            u: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
-                           disparity: bool = False, u_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+                           disparity: bool = False, u_dtype: Optional[torch.dtype] = None,
+                           samples_first: bool = False) -> torch.Tensor:
     """EG3D's sample_stratified. near, far [B,R] -> [B,R,S], S = n_samples >= 2:
     t_i = near + i/(S-1) (far - near) + u_i (far - near)/(S-1), i = 0..S-1, u [B,R,S] uniform in
     [0,1) (always jittered, so the last sample lies past `far`). disparity: s_i = i/(S-1) + u_i/(S-1),
     t_i = 1 / (1/near (1 - s_i) + 1/far s_i) (needs near > 0). u is drawn (when not given) in
-    `u_dtype` (default near's dtype), as EG3D's `rand_like(depths)` does."""
+    `u_dtype` (default near's dtype), as EG3D's `rand_like(depths)` does; samples_first draws them in
+    [S,B,R] memory order, as rand_like does on EG3D's permuted linspace for per-ray (box) bounds."""
     B, R = near.shape
+    if u is None and samples_first:
+        u = torch.rand(n_samples, B, R, device=near.device, dtype=u_dtype or near.dtype,
+                       generator=generator).permute(1, 2, 0)
     u = _draw(u, (B, R, n_samples), near, generator, u_dtype)
     steps = (torch.arange(n_samples, dtype=torch.float32, device=near.device) / (n_samples - 1)).to(near.dtype)
     n, f = near.unsqueeze(-1), far.unsqueeze(-1)
