@@ -232,3 +232,12 @@ def test_all_rays_miss_gives_empty_not_nan():
     rgb, depth, wt = EG3DImportanceRenderer(backend="torch")(planes, OSGDecoder(4, DEC_OPTS), above, d, OPTS)
     assert torch.isfinite(depth).all() and (wt == 0).all() and torch.allclose(rgb, torch.full_like(rgb, -1.0))
     assert math.isclose(depth.max().item(), 0.0)
+
+
+def test_eg3d_depth_of_an_empty_ray_is_the_far_clamp():
+    from g3dr_kernels import Composite
+    depths = torch.tensor([[[4.0, 5.0, 6.0], [4.5, 5.0, 5.5]]])
+    out = Composite(torch.zeros(1, 2, 3), torch.tensor([[5.0, 0.0]]), torch.tensor([[0.5, 0.0]]), None)
+    _, depth, wt = EG3DImportanceRenderer()._finish(out, depths)
+    # sum(w t) / sum(w) for the first ray; NaN -> inf -> clamped to the batch's largest depth for the second
+    torch.testing.assert_close(depth[..., 0], torch.tensor([[5.0 * 0.501 / 0.5, 6.0]]))
