@@ -69,7 +69,7 @@ def build_command(capability) -> Tuple[List[str], Dict[str, str]]:
 def test_command(out: Path) -> Tuple[List[str], Dict[str, str]]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""))
-    cmd = [sys.executable, "-m", "pytest", "tests", "-q", "-rfE", "-p", "no:cacheprovider", "-k", TEST_SELECTION,
+    cmd = [sys.executable, "-m", "pytest", "tests", "-q", "-rfE", "-p", "no:cacheprovider", "--continue-on-collection-errors", "-k", TEST_SELECTION,
            f"--junitxml={out / 'tests.xml'}"]
     return cmd, env
 
@@ -157,7 +157,8 @@ def _cases(B: int, dev: str = "cuda", size: Dict = G3DR_SIZE):
         torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
 
     fused = ("triton", "cuda") if dev == "cuda" else ("cpu",)
-    impls = ["baseline"] + [b for b in fused if _backend._unavailable("render", b, torch.device(dev)) is None]
+    # the official path last: at B=64 it runs out of memory, and the fused cases should not run after that
+    impls = [b for b in fused if _backend._unavailable("render", b, torch.device(dev)) is None] + ["baseline"]
     for impl in impls:
         if impl == "baseline":
             yield "sample", impl, lambda: bwd([official.sample_triplanes(planes, xyz, 3)])

@@ -167,3 +167,17 @@ def test_renderer_eg3d_uses_eg3d_samplers():
     fine = ref.eg3d_importance_depths(coarse, w, 4, generator=g)
     torch.testing.assert_close(got, torch.sort(torch.cat([coarse, fine], -1), -1).values, rtol=0, atol=0)
     assert (got[..., -1] > far).any()
+
+
+def test_uniform_samplers_take_pinned_u():
+    near, far = torch.full((1, 2), 2.0, dtype=D64), torch.full((1, 2), 4.0, dtype=D64)
+    u = torch.rand(1, 2, 4, dtype=D64)
+    got = ref.stratified_depths(near, far, 4, u=u)
+    torch.testing.assert_close(got, 2.0 + (torch.arange(4, dtype=D64) + u) * 0.5, rtol=0, atol=1e-14)
+    assert (got <= far.unsqueeze(-1)).all()  # inside [near, far], unlike "eg3d"
+    w = torch.rand(1, 2, 3, dtype=D64)
+    det = ref.importance_depths(got, w, 5, deterministic=True)
+    torch.testing.assert_close(ref.importance_depths(got, w, 5, u=torch.linspace(0, 1, 5, dtype=D64).expand(1, 2, 5)),
+                               det)
+    t = ref.depths_around_target(torch.full((1, 2), 3.0, dtype=D64), 2, 0.1, u=torch.zeros(1, 2, 2, dtype=D64))
+    torch.testing.assert_close(t, torch.tensor([[[2.9, 3.0], [2.9, 3.0]]], dtype=D64))
