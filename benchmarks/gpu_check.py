@@ -69,7 +69,8 @@ def build_command(capability) -> Tuple[List[str], Dict[str, str]]:
 def test_command(out: Path) -> Tuple[List[str], Dict[str, str]]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""))
-    cmd = [sys.executable, "-m", "pytest", "tests", "-q", "-rfE", "-p", "no:cacheprovider", "--continue-on-collection-errors", "-k", TEST_SELECTION,
+    cmd = [sys.executable, "-m", "pytest", "tests", "-q", "-rfE", "-p", "no:cacheprovider",
+           "--continue-on-collection-errors", "-k", TEST_SELECTION,
            f"--junitxml={out / 'tests.xml'}"]
     return cmd, env
 

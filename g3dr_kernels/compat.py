@@ -180,10 +180,12 @@ def load_osg_state_dict(state_dict: Mapping[str, torch.Tensor], lr_multiplier: f
     if missing:
         raise ValueError(f"state dict lacks decoder key(s) {missing}")
     w1, b1, w2, b2 = (state_dict[n] for n in names)
-    if w1.dim() != 2 or w2.dim() != 2 or b1.shape != w1.shape[:1] or w2.shape[1] != w1.shape[0] or b2.shape != w2.shape[:1]:
+    if (w1.dim() != 2 or w2.dim() != 2 or b1.shape != w1.shape[:1] or w2.shape[1] != w1.shape[0]
+            or b2.shape != w2.shape[:1]):
         raise ValueError(f"decoder tensors have inconsistent shapes: net.0.weight {list(w1.shape)}, net.0.bias "
                          f"{list(b1.shape)}, net.2.weight {list(w2.shape)}, net.2.bias {list(b2.shape)}")
-    dec = TriplaneDecoder(w1.shape[1], w1.shape[0], w2.shape[0] - 1, lr_multiplier=lr_multiplier).to(w1.device, w1.dtype)
+    dec = TriplaneDecoder(w1.shape[1], w1.shape[0], w2.shape[0] - 1, lr_multiplier=lr_multiplier)
+    dec = dec.to(w1.device, w1.dtype)
     with torch.no_grad():
         for p, v in zip((dec.weight1, dec.bias1, dec.weight2, dec.bias2), (w1, b1, w2, b2)):
             p.copy_(v)
@@ -313,11 +315,12 @@ class G3DRImportanceRenderer(EG3DImportanceRenderer):
                           target_prob=self.target_prob, target_spread=self.target_spread, kernel=self.kernel)
         target = None
         if importance_depth is not None:
-            B, R = ray_origins.shape[:2] if isinstance(ray_origins, torch.Tensor) and ray_origins.dim() == 3 else (-1, -1)
-            if (not isinstance(importance_depth, torch.Tensor) or importance_depth.dim() != 4
-                    or importance_depth.shape[0] != B or importance_depth.shape[1] != 1
-                    or importance_depth.shape[2] * importance_depth.shape[3] != R):
-                got = list(importance_depth.shape) if isinstance(importance_depth, torch.Tensor) else type(importance_depth).__name__
+            rays_ok = isinstance(ray_origins, torch.Tensor) and ray_origins.dim() == 3
+            B, R = ray_origins.shape[:2] if rays_ok else (-1, -1)
+            img = importance_depth
+            if (not isinstance(img, torch.Tensor) or img.dim() != 4 or img.shape[0] != B or img.shape[1] != 1
+                    or img.shape[2] * img.shape[3] != R):
+                got = list(img.shape) if isinstance(img, torch.Tensor) else type(img).__name__
                 raise ValueError(f"importance_depth must be an image [B,1,H,W] with H*W = R for rays [B,R,3] = "
                                  f"{list(getattr(ray_origins, 'shape', []))}, got {got}")
             target = importance_depth.permute(0, 2, 3, 1).reshape(B, R).to(ray_origins.dtype)

@@ -188,9 +188,10 @@ class TriplaneRenderer(nn.Module):
             u = None if self.perturb else torch.full(near.shape + (n,), 0.5, dtype=near.dtype, device=near.device)
             # EG3D draws in the dtype of its depths: the rays' with box bounds, the default with fixed numbers
             u_dtype = near.dtype if self.ray_start is None else torch.get_default_dtype()
-            return reference.eg3d_stratified_depths(near, far, n, u=u, generator=generator,
-                                                    disparity=self.disparity_space_sampling, u_dtype=u_dtype,
-                                                    samples_first=self.ray_start is None and not self.disparity_space_sampling)
+            # and, with box bounds (not disparity), in the [S,B,R] memory order of its permuted linspace
+            first = self.ray_start is None and not self.disparity_space_sampling
+            return reference.eg3d_stratified_depths(near, far, n, u=u, generator=generator, u_dtype=u_dtype,
+                                                    disparity=self.disparity_space_sampling, samples_first=first)
         return reference.stratified_depths(near, far, n, perturb=self.perturb and self.training, generator=generator,
                                            disparity=self.disparity_space_sampling)
 

@@ -251,7 +251,7 @@ def eg3d_stratified_depths(near: torch.Tensor, far: torch.Tensor, n_samples: int
     """EG3D's sample_stratified. near, far [B,R] -> [B,R,S], S = n_samples >= 2:
     t_i = near + i/(S-1) (far - near) + u_i (far - near)/(S-1), i = 0..S-1, u [B,R,S] uniform in
     [0,1) (always jittered, so the last sample lies past `far`). disparity: s_i = i/(S-1) + u_i/(S-1),
-    t_i = 1 / (1/near (1 - s_i) + 1/far s_i) (needs near > 0). u is drawn (when not given) in
+    t_i = 1 / (1/near (1 - s_i) + 1/far s_i) (rays with near <= 0 stay at near). u is drawn (when not given) in
     `u_dtype` (default near's dtype), as EG3D's `rand_like(depths)` does; samples_first draws them in
     [S,B,R] memory order, as rand_like does on EG3D's permuted linspace for per-ray (box) bounds."""
     B, R = near.shape
@@ -261,8 +261,9 @@ def eg3d_stratified_depths(near: torch.Tensor, far: torch.Tensor, n_samples: int
     u = _draw(u, (B, R, n_samples), near, generator, u_dtype)
     steps = (torch.arange(n_samples, dtype=torch.float32, device=near.device) / (n_samples - 1)).to(near.dtype)
     n, f = near.unsqueeze(-1), far.unsqueeze(-1)
-    if disparity:
-        return _disparity_lerp(n, f, steps + u * (1.0 / (n_samples - 1)))
+    if disparity:  # rays without a positive near (empty or inside the box) keep near for every sample
+        t = _disparity_lerp(n, f, steps + u * (1.0 / (n_samples - 1)))
+        return torch.where(n > 0, t, n.expand_as(t))
     return (n + steps * (f - n)) + u * ((f - n) / (n_samples - 1))
 
 
