@@ -257,6 +257,8 @@ class TriplaneRenderer(nn.Module):
                              f"{list(rays_o.shape)}), got {list(target_depth.shape)}")
         if target_depth.device != rays_o.device:
             raise ValueError(f"target_depth is on {target_depth.device} but rays_o is on {rays_o.device}")
+        if target_depth.dtype != rays_o.dtype:
+            raise TypeError(f"target_depth has dtype {target_depth.dtype} but rays_o has {rays_o.dtype}")
         if not torch.compiler.is_compiling() and not bool(torch.isfinite(target_depth).all()):
             raise ValueError(f"target_depth {list(target_depth.shape)} contains NaN or inf (the target depths "
                              f"themselves, before any sampling)")

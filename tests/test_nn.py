@@ -160,6 +160,8 @@ def test_renderer_target_depth_errors_name_the_problem():
     assert "depths [" not in str(e.value)
     with pytest.raises(ValueError, match="rays_o"):
         r(planes, rays_o[0], rays_d[0])
+    with pytest.raises(TypeError, match="target_depth has dtype torch.float64"):
+        r(planes, rays_o, rays_d, target_depth=torch.full((1, 4), 2.5, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("sampling", ["uniform", "eg3d"])
