@@ -9,7 +9,8 @@ nvcc installed and no network. It installs nothing. Steps, each printed as it go
 4. benchmarks at the G3DR training size (B=8, C=64, 128x128 planes, 3 levels, 16,384 rays, 32+32
    samples, hidden 64): sample, composite and render, fwd+bwd, time (CUDA events, median) and
    torch.cuda.max_memory_allocated, fused backends vs the official path (benchmarks/official.py),
-   then the render at B=64 where it fits;
+   and the whole TriplaneRenderer as G3DR trains with it (EG3D sampling, coarse pass, target
+   replacement); then the render and renderer at B=64 where they fit;
 5. results with the device name in DIR: gpu_check.json, gpu_check.md, build.log, tests.log, tests.xml.
 
 Exit codes: 0 all passed, 1 test failures (or a stage timed out), 2 no GPU / bad arguments, 3 build failed.
@@ -135,6 +136,7 @@ def _cases(B: int, dev: str = "cuda", size: Dict = G3DR_SIZE):
     import torch
     import g3dr_kernels as K
     from g3dr_kernels import _backend, reference
+    from g3dr_kernels.nn import TriplaneDecoder, TriplaneRenderer
     from benchmarks import official
     g = torch.Generator(device=dev).manual_seed(0)
     C, H, R, S, Hd, D = (size[k] for k in ("C", "H", "R", "S", "hidden", "D"))
@@ -149,6 +151,7 @@ def _cases(B: int, dev: str = "cuda", size: Dict = G3DR_SIZE):
     b1 = torch.zeros(Hd, device=dev, requires_grad=True)
     w2 = (torch.randn(1 + D, Hd, device=dev, generator=g) / Hd ** 0.5).requires_grad_()
     b2 = torch.zeros(1 + D, device=dev, requires_grad=True)
+    dec = TriplaneDecoder(C, Hd, D).to(dev)
     xyz = (rays_o.unsqueeze(2) + depths.unsqueeze(-1) * rays_d.unsqueeze(2)).reshape(B, R * S, 3)
     sigma = torch.randn(B, R, S, device=dev, generator=g, requires_grad=True)
     rgb = torch.rand(B, R, S, D, device=dev, generator=g, requires_grad=True)
@@ -174,6 +177,10 @@ def _cases(B: int, dev: str = "cuda", size: Dict = G3DR_SIZE):
             yield "render", impl, lambda b=impl: bwd(K.render_triplanes(planes, rays_o, rays_d, depths, w1, b1, w2, b2,
                                                                         target_depth=target, return_weights=False,
                                                                         backend=b))
+            # the whole nn renderer as G3DR trains with it: EG3D sampling with its coarse pass, target replacement
+            r = TriplaneRenderer(dec, n_coarse=S // 2, n_fine=S - S // 2, sampling="eg3d", target_mode="replace",
+                                 target_prob=0.4, backend=impl)
+            yield "renderer", impl, lambda r=r: bwd(r(planes, rays_o, rays_d, target_depth=target)[:3])
 
 
 def run_benchmarks(deadline: float, reps: int, dev: str = "cuda", size: Dict = G3DR_SIZE,
@@ -184,7 +191,7 @@ def run_benchmarks(deadline: float, reps: int, dev: str = "cuda", size: Dict = G
     rows = []
     for B in batches:
         for op, impl, fn in _cases(B, dev, size):
-            if B != batches[0] and op != "render":
+            if B != batches[0] and op not in ("render", "renderer"):
                 continue
             label = (f"{op} B={B} C={size['C']} {size['H']}x{size['H']} L3 R={size['R']} "
                      f"S={size['S'] // 2}+{size['S'] // 2} fwd+bwd")
