@@ -240,6 +240,18 @@ def write_summary(out: Path, result: Dict) -> None:
     (out / "gpu_check.md").write_text("\n".join(lines) + "\n")
 
 
+def backends_report() -> Dict:
+    """g3dr_kernels.backends() as seen by a fresh interpreter (so it loads the extension just built)."""
+    code = "import json, g3dr_kernels as k; print(json.dumps(k.backends()))"
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("TRITON_INTERPRET", None)
+    try:
+        r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        return json.loads(r.stdout.strip().splitlines()[-1])
+    except Exception as e:  # report, do not stop: the tests say more
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
 def _version(mod: str) -> Optional[str]:
     try:
         return __import__(mod).__version__
@@ -282,6 +294,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             log(f"build FAILED: see {out / 'build.log'}")
             return BUILD_EXIT
         log(f"build done in {result['build']['seconds']} s")
+    result["backends"] = backends_report()
+    log(f"backends: {result['backends']}")
+    missing = [b for b in ("triton", "cuda") if not result["backends"].get(b, {}).get("available")]
+    if missing:  # their tests would skip, which must not pass for a check
+        status = f"backend(s) {missing} unavailable"
+        log(f"WARNING: {status}; their tests will skip")
     if not args.skip_tests:
         cmd, env = test_command(out)
         budget = max(30.0, (deadline - time.time()) * (1.0 if args.skip_bench else 0.75))

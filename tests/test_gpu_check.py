@@ -78,3 +78,8 @@ def test_benchmark_plumbing_on_cpu(tmp_path):
                                            bench=rows))
     md = (tmp_path / "gpu_check.md").read_text()
     assert "| render B=1 C=4 8x8 L3 R=16 S=4+4 fwd+bwd | baseline |" in md
+
+
+def test_backends_report_from_a_fresh_interpreter():
+    rep = gpu_check.backends_report()
+    assert rep["torch"]["available"] is True and "cuda" in rep
