@@ -67,7 +67,7 @@ def build_command(capability) -> Tuple[List[str], Dict[str, str]]:
     return [sys.executable, "setup.py", "build_ext", "--inplace"], env
 
 
-def test_command(out: Path) -> Tuple[List[str], Dict[str, str]]:
+def gpu_tests_command(out: Path) -> Tuple[List[str], Dict[str, str]]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""))
     cmd = [sys.executable, "-m", "pytest", "tests", "-q", "-rfE", "-p", "no:cacheprovider",
@@ -301,7 +301,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         status = f"backend(s) {missing} unavailable"
         log(f"WARNING: {status}; their tests will skip")
     if not args.skip_tests:
-        cmd, env = test_command(out)
+        cmd, env = gpu_tests_command(out)
         budget = max(30.0, (deadline - time.time()) * (1.0 if args.skip_bench else 0.75))
         log(f"running GPU tests: pytest -k '{TEST_SELECTION}' (TRITON_INTERPRET unset, limit {budget:.0f} s)")
         result["tests"] = run_logged(cmd, env, out / "tests.log", budget)

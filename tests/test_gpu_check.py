@@ -32,7 +32,7 @@ def test_build_is_offline_for_this_gpu_only(monkeypatch):
     assert cmd[1:] == ["setup.py", "build_ext", "--inplace"] and not any("pip" in c for c in cmd)
     assert env["TORCH_CUDA_ARCH_LIST"] == "9.0" and env["G3DR_CUDA"] == "1"
     assert gpu_check.arch_list((8, 6)) == "8.6"
-    cmd, env = gpu_check.test_command(Path("/tmp/o"))
+    cmd, env = gpu_check.gpu_tests_command(Path("/tmp/o"))
     assert "TRITON_INTERPRET" not in env and cmd[cmd.index("-k") + 1] == "triton or cuda"
 
 
