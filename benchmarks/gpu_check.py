@@ -280,6 +280,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         log("no CUDA GPU is visible to torch (torch.cuda.is_available() is False); nothing to check. "
             f"Results: {out / 'gpu_check.json'}")
         return NO_GPU_EXIT
+    os.environ.pop("TRITON_INTERPRET", None)  # the benchmarks run in this process: compiled Triton only
     cap = torch.cuda.get_device_capability(0)
     result.update(device=torch.cuda.get_device_name(0), capability=arch_list(cap))
     log(f"device {result['device']} (sm {result['capability']}), torch {torch.__version__}, budget {args.budget_s:.0f} s")

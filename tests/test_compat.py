@@ -37,11 +37,12 @@ def _grads(outs, params):
     return torch.autograd.grad(loss, params)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("noise", [0.0, 0.3])
-def test_eg3d_renderer_equals_triplane_renderer(noise):
-    planes, o, d = _scene()
+def test_eg3d_renderer_equals_triplane_renderer(noise, dtype):
+    planes, o, d = (t.to(dtype) for t in _scene())
     planes.requires_grad_()
-    dec = OSGDecoder(4, DEC_OPTS)
+    dec = OSGDecoder(4, DEC_OPTS).to(dtype)
     opts = dict(OPTS, density_noise=noise)
     torch.manual_seed(7)
     rgb, depth, wt = EG3DImportanceRenderer(backend="torch")(planes, dec, o, d, opts)
