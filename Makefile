@@ -10,7 +10,7 @@ PIP := $(PY) -m pip
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 BUILD_DEPS := $(TORCH_PIN) setuptools wheel ninja pybind11 numpy
 
-.PHONY: setup demo test bench cmake-check clean
+.PHONY: setup demo test bench cmake-check clean gpu-check
 setup: $(VENV)/.g3dr-installed
 
 $(VENV)/.g3dr-installed: pyproject.toml setup.py csrc/sources.py $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' 2>/dev/null)
@@ -39,6 +39,14 @@ cmake-check: setup
 	  -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV)/bin/ninja) > build-cmake.log 2>&1 || (cat build-cmake.log; exit 1)
 	cmake --build build-cmake >> build-cmake.log 2>&1 || (cat build-cmake.log; exit 1)
 	@echo "cmake build OK (build-cmake/)"
+
+# One-shot GPU check on a machine with python, torch, triton and nvcc installed and no network:
+# builds in place for the local GPU only, runs the GPU tests and benchmarks, writes results to OUT.
+# Uses the python on PATH (no venv, no pip); GPU_PYTHON=... to choose another.
+GPU_PYTHON ?= python3
+gpu-check:
+	@test -n "$(OUT)" || { echo "usage: make gpu-check OUT=DIR"; exit 2; }
+	$(GPU_PYTHON) benchmarks/gpu_check.py --out "$(OUT)"
 
 clean:
 	rm -rf build build-cmake build-cmake.log *.egg-info g3dr_kernels/_C*.so

@@ -120,3 +120,93 @@ def test_demo_scene_renders_planet():
     assert out.opacity[0, 0] > 0.99 and out.opacity[0, 1] < 0.01  # the sphere is hit; above it nothing
     # near the radius-0.42 surface (the pyramid's blur and the finite density ramp move it by a few hundredths)
     assert abs(out.depth[0, 0].item() - (3.0 - 0.42)) < 0.1
+
+
+def test_renderer_rejects_bad_arguments():
+    dec = TriplaneDecoder(4)
+    with pytest.raises(ValueError, match="unknown backend 'gpu'"):
+        TriplaneRenderer(dec, backend="gpu")
+    with pytest.raises(TypeError, match="n_coarse must be an int"):
+        TriplaneRenderer(dec, n_coarse=32.0)
+    with pytest.raises(TypeError, match="n_fine must be an int"):
+        TriplaneRenderer(dec, n_fine=16.5)
+    with pytest.raises(ValueError, match="sampling"):
+        TriplaneRenderer(dec, sampling="nerf")
+    with pytest.raises(ValueError, match="target_mode"):
+        TriplaneRenderer(dec, target_mode="mix")
+    with pytest.raises(ValueError, match="n_target must be 0"):
+        TriplaneRenderer(dec, target_mode="replace", n_target=4)
+    with pytest.raises(ValueError, match="target_prob"):
+        TriplaneRenderer(dec, target_prob=1.5)
+    with pytest.raises(ValueError, match="density_noise"):
+        TriplaneRenderer(dec, density_noise=-0.1)
+    with pytest.raises(ValueError, match="ray_start > 0"):
+        TriplaneRenderer(dec, ray_start=0.0, ray_end=1.0, disparity_space_sampling=True)
+    with pytest.raises(TypeError, match="effective_params"):
+        TriplaneRenderer(torch.nn.Linear(4, 4))
+
+
+def test_renderer_target_depth_errors_name_the_problem():
+    r = TriplaneRenderer(TriplaneDecoder(4, 8), n_coarse=4, n_fine=4, n_target=2, target_prob=1.0, backend="torch")
+    planes, rays_o, rays_d = _renderer_inputs(B=1, res=2)
+    with pytest.raises(ValueError, match=r"target_depth must be \[B,R\] = \[1, 4\].*got \[1, 4, 1\]"):
+        r(planes, rays_o, rays_d, target_depth=torch.full((1, 4, 1), 2.5))
+    with pytest.raises(ValueError, match=r"got \[4\]"):
+        r(planes, rays_o, rays_d, target_depth=torch.full((4,), 2.5))
+    bad = torch.full((1, 4), 2.5)
+    bad[0, 1] = float("nan")
+    with pytest.raises(ValueError, match="target_depth .* contains NaN") as e:
+        r(planes, rays_o, rays_d, target_depth=bad)
+    assert "depths [" not in str(e.value)
+    with pytest.raises(ValueError, match="rays_o"):
+        r(planes, rays_o[0], rays_d[0])
+    with pytest.raises(TypeError, match="target_depth has dtype torch.float64"):
+        r(planes, rays_o, rays_d, target_depth=torch.full((1, 4), 2.5, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("sampling", ["uniform", "eg3d"])
+def test_renderer_replace_mode_and_disparity(sampling):
+    dec = TriplaneDecoder(4, 8)
+    planes, rays_o, rays_d = _renderer_inputs(B=1, res=3)
+    target = torch.full(rays_o.shape[:2], 2.6)
+    r = TriplaneRenderer(dec, n_coarse=6, n_fine=4, target_mode="replace", target_prob=1.0, sampling=sampling,
+                         disparity_space_sampling=True, backend="torch")
+    d = r.sample_depths(planes, rays_o, rays_d, target, generator=torch.Generator().manual_seed(0))
+    assert d.shape == (1, 9, 10)
+    offs = target.unsqueeze(-1) + torch.linspace(-0.05, 0.05, 4)
+    hit = reference.ray_box_bounds(rays_o, rays_d)[2]
+    # every target sample is present exactly (not clamped, no jitter)
+    assert torch.isclose(d[hit].unsqueeze(-1), offs[hit].unsqueeze(-2), rtol=0, atol=0).any(-2).all()
+    # coarse samples are linear in inverse depth: check one ray against the formula with the same draws
+    near, far = r.bounds(rays_o, rays_d)
+    g = torch.Generator().manual_seed(0)
+    if sampling == "eg3d":
+        coarse = reference.eg3d_stratified_depths(near, far, 6, generator=g, disparity=True)
+    else:
+        coarse = reference.stratified_depths(near, far, 6, perturb=True, generator=g, disparity=True)
+    torch.testing.assert_close(torch.sort(torch.cat([coarse, offs], -1), -1).values[hit], d[hit])
+
+
+def test_renderer_density_noise():
+    dec = TriplaneDecoder(4, 8)
+    planes, rays_o, rays_d = _renderer_inputs(B=1, res=2)
+    kw = dict(n_coarse=5, n_fine=3, sampling="eg3d", backend="torch")
+    clean = TriplaneRenderer(dec, **kw)(planes, rays_o, rays_d, generator=torch.Generator().manual_seed(0))
+    r = TriplaneRenderer(dec, density_noise=0.5, **kw)
+    a = r(planes, rays_o, rays_d, generator=torch.Generator().manual_seed(0))
+    b = r(planes, rays_o, rays_d, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(a.rgb, b.rgb)  # the noise comes from the generator
+    assert (a.opacity - clean.opacity).abs().max() > 1e-3
+    # the final render adds the same noise as the sampler drew, permuted with the sorted depths
+    depths, noise = r.render_depths(planes, rays_o, rays_d, generator=torch.Generator().manual_seed(0))
+    xyz = (rays_o.unsqueeze(2) + depths.unsqueeze(-1) * rays_d.unsqueeze(2)).reshape(1, -1, 3)
+    sigma, rgb = reference.decode(reference.sample_triplanes(planes, xyz), *dec.effective_params())
+    want = reference.composite(sigma.reshape(depths.shape) + noise, rgb.reshape(*depths.shape, 3), depths)
+    torch.testing.assert_close(a.rgb, want.rgb)
+    # each sample keeps its own noise through the sort: the coarse samples carry the coarse draws
+    g = torch.Generator().manual_seed(0)
+    near, far = r.bounds(rays_o, rays_d)
+    coarse = reference.eg3d_stratified_depths(near, far, 5, generator=g, samples_first=True)
+    n_coarse = torch.randn(1, 4 * 5, 1, generator=g).reshape(1, 4, 5) * 0.5
+    eq = (depths.unsqueeze(-1) == coarse.unsqueeze(-2)).to(noise.dtype)  # [B,R,S,5]
+    torch.testing.assert_close((eq * noise.unsqueeze(-1)).sum(-2), n_coarse)
