@@ -230,19 +230,20 @@ class G3DR(nn.Module):
         self.renderer = self.make_renderer()
 
     def make_renderer(self, n_coarse: Optional[int] = None, n_fine: Optional[int] = None,
-                      backend: Optional[str] = None) -> TriplaneRenderer:
-        """A TriplaneRenderer on this model's decoder with the config's options (sample counts and
-        backend overridable, e.g. 64+64 samples for stills)."""
+                      backend: Optional[str] = None, sampling: Optional[str] = None) -> TriplaneRenderer:
+        """A TriplaneRenderer on this model's decoder with the config's options (sample counts, backend
+        and sampling overridable, e.g. 64+64 deterministic samples for stills)."""
         r = self.cfg.render
         # depth_kernel=False (the ablation) keeps the target samples but scales no gradient
         kernel = DepthKernel(r.kernel_s1, r.kernel_s2, r.kernel_c_min, r.kernel_c_max) if r.depth_kernel else _NO_KERNEL
         n_fine = r.n_fine if n_fine is None else n_fine
         return TriplaneRenderer(
             self.decoder, n_coarse=r.n_coarse if n_coarse is None else n_coarse, n_fine=n_fine,
-            n_target=n_fine if r.target_mode == "replace" else r.n_target, target_prob=r.target_prob,
+            # "replace" (G3DR): the n_fine samples themselves become the target samples
+            n_target=0 if r.target_mode == "replace" else r.n_target, target_prob=r.target_prob,
             target_spread=r.target_spread, levels=r.levels, box_warp=r.box_warp, plane_axes=r.plane_axes,
             density_bias=r.density_bias, white_background=r.white_background, kernel=kernel, perturb=r.perturb,
-            backend=backend or r.backend, **_sampling_kwargs(r))
+            backend=backend or r.backend, sampling=sampling or r.sampling, target_mode=r.target_mode)
 
     def planes(self, image: torch.Tensor, depth: torch.Tensor) -> torch.Tensor:
         """image [B,3,H,W] in [0,1], depth [B,1,H,W] -> planes [B,3,C,H,W] (float32)."""
@@ -291,7 +292,8 @@ class G3DR(nn.Module):
             raise ValueError(f"render: planes must be [1 or N={N},3,C,H,W], got {list(planes.shape)}")
         if not (sigma_scale > 0 and math.isfinite(sigma_scale)):
             raise ValueError(f"render: sigma_scale must be a finite number > 0, got {sigma_scale}")
-        renderer = self.make_renderer(n_coarse, n_fine, backend).eval()
+        # stills: "uniform" sampling, which is deterministic in eval mode (EG3D's always jitters: flicker)
+        renderer = self.make_renderer(n_coarse, n_fine, backend, sampling="uniform").eval()
         rays_o, rays_d = g3dr_rays(cameras.to(dev).float(), r.fov, res)
         rays_d = rays_d / sigma_scale  # density x s == the same field along rays s times slower (depth x s)
         outs = {"rgb": [], "depth": [], "opacity": []}
@@ -305,13 +307,6 @@ class G3DR(nn.Module):
         cat = {k: torch.cat(v, 0) for k, v in outs.items()}  # rgb [N,R*R,3]; depth, opacity [N,R*R]
         return {k: (v if v.dim() == 3 else v[..., None]).transpose(1, 2).reshape(N, -1, res, res)
                 for k, v in cat.items()}
-
-
-def _sampling_kwargs(r) -> dict:
-    """Sampling options of TriplaneRenderer (sampling="eg3d"/"uniform", target_mode) where supported."""
-    import inspect
-    params = inspect.signature(TriplaneRenderer.__init__).parameters
-    return {k: getattr(r, k) for k in ("sampling", "target_mode") if k in params}
 
 
 def count_parameters(module: nn.Module) -> int:
