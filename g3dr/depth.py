@@ -159,7 +159,7 @@ def to_g3dr_depth(pred, kind: str = "inverse", lo_pct: float = 1.0, hi_pct: floa
     (6 - 2/65536), and the `lo_pct`% / (100 - `hi_pct`)% extremes (sky, specks) are clipped instead of
     squeezing the rest. kind="inverse": disparity, larger = nearer (Depth Anything, DPT, LDM3D);
     kind="depth": larger = farther. Inverse depth is mapped linearly, not through 1/x: its unknown
-    shift makes 1/x meaningless. A constant map (hi - lo tiny) gives depth 5 everywhere (the plane
+    shift makes 1/x meaningless. A constant map (hi - lo <= 1e-6 max(|lo|, |hi|)) gives depth 5 everywhere (the plane
     through the origin) rather than dividing by zero; non-finite values are put at the far end.
 
     pred: [H, W] tensor or array (any float or int dtype). Returns a new float32 CPU tensor.
@@ -179,7 +179,7 @@ def to_g3dr_depth(pred, kind: str = "inverse", lo_pct: float = 1.0, hi_pct: floa
     if not bool(finite.any()):
         raise ValueError(f"to_g3dr_depth: pred {tuple(pred.shape)} has no finite value")
     lo, hi = _range(x[finite], lo_pct, hi_pct)
-    if not (hi - lo > 1e-6 * max(1.0, abs(lo), abs(hi))):
+    if not (hi - lo > 1e-6 * max(abs(lo), abs(hi))):  # relative: a model's scale is arbitrary (1e-9 .. 1e4)
         out = torch.full(x.shape, DEPTH_OFFSET + DEPTH_RANGE / 2, dtype=torch.float32)
         out[~finite] = DEPTH_OFFSET + DEPTH_SPAN
         return out
