@@ -43,8 +43,10 @@ def _ldm3d_missing_message(model_dir: Path, missing) -> str:
             f"--local-dir {model_dir}` and copy the folder over.")
 
 
-def check_ldm3d_dir(model_dir: Union[str, Path]) -> Path:
-    """Raise `LDM3DNotFoundError` unless model_dir has model_index.json and every component folder it names."""
+def check_ldm3d_dir(model_dir: Union[str, Path]) -> Tuple[Path, dict]:
+    """Raise `LDM3DNotFoundError` unless model_dir has model_index.json and every component folder it names.
+
+    Returns (model_dir, the parsed model_index.json)."""
     model_dir = Path(model_dir).expanduser()
     if not model_dir.is_dir():
         raise LDM3DNotFoundError(_ldm3d_missing_message(model_dir, []))
@@ -61,7 +63,7 @@ def check_ldm3d_dir(model_dir: Union[str, Path]) -> Path:
                and not (model_dir / name).is_dir()]
     if missing:
         raise LDM3DNotFoundError(_ldm3d_missing_message(model_dir, missing))
-    return model_dir
+    return model_dir, spec
 
 
 def load_ldm3d(model_dir: Union[str, Path], device: Union[str, torch.device, None] = None,
@@ -71,7 +73,7 @@ def load_ldm3d(model_dir: Union[str, Path], device: Union[str, torch.device, Non
     device: default cuda when available, else cpu. dtype: default float16 on cuda, float32 on cpu.
     Raises `LDM3DNotFoundError` naming the directory and the model to put there (Intel/ldm3d-4c).
     """
-    model_dir = check_ldm3d_dir(model_dir)
+    model_dir, spec = check_ldm3d_dir(model_dir)
     try:
         from diffusers import StableDiffusionLDM3DPipeline
     except ImportError as e:
@@ -79,11 +81,15 @@ def load_ldm3d(model_dir: Union[str, Path], device: Union[str, torch.device, Non
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     try:
-        pipe = StableDiffusionLDM3DPipeline.from_pretrained(model_dir, local_files_only=True, torch_dtype=dtype)
+        # components saved as null (no safety checker, ...) or absent from an older index must be passed as None
+        absent = {name: None for name, v in spec.items() if isinstance(v, list) and v and v[0] is None}
+        absent.update({name: None for name in StableDiffusionLDM3DPipeline._optional_components if name not in spec})
+        # loaded as stored, then cast: `torch_dtype=` is deprecated in new diffusers, `dtype=` unknown to old ones
+        pipe = StableDiffusionLDM3DPipeline.from_pretrained(model_dir, local_files_only=True, **absent)
     except (OSError, ValueError, EnvironmentError) as e:
         raise LDM3DNotFoundError(f"cannot load LDM3D from {model_dir}: {e}\n"
                                  + _ldm3d_missing_message(model_dir, [])) from e
-    pipe = pipe.to(device)
+    pipe = pipe.to(device=device, dtype=dtype)
     pipe.set_progress_bar_config(disable=not progress)
     return pipe
 
