@@ -5,9 +5,12 @@ diffusers' `StableDiffusionLDM3DPipeline` is loaded from a LOCAL directory (noth
     huggingface-cli download Intel/ldm3d-4c --local-dir DIR      # on a machine with network
 
 What LDM3D's depth is. The LDM3D models were fine-tuned on RGB + depth pairs whose depth came from
-DPT (MiDaS family) relative depth models (LDM3D paper, arXiv 2305.10853, section 3; Intel/ldm3d-4c
-model card), and DPT outputs relative INVERSE depth (disparity): larger = nearer, known only up to
-scale and shift. The 4-channel VAE of `Intel/ldm3d-4c` decodes RGB + that one depth channel in
+DPT-Large (MiDaS) (LDM3D paper, arXiv 2305.10853; the Intel/ldm3d-pano model card, which fine-tunes
+ldm3d-4c, says "to generate the depth map of those samples, we used DPT-large"), and DPT/MiDaS
+outputs relative INVERSE depth (disparity): larger = nearer, known only up to scale and shift
+(Ranftl et al., MiDaS / DPT). Not checked against the real weights here (they cannot be downloaded
+on the development machines): the first run with Intel/ldm3d-4c should confirm that near objects
+come out with small G3DR depth. The 4-channel VAE of `Intel/ldm3d-4c` decodes RGB + that one depth channel in
 [-1, 1]; the pipeline's image processor maps it to [0, 1] (and to uint16 * 65535 for its PIL
 output). So `generate_rgbd` takes the [0, 1] depth channel as kind="inverse" and converts it with
 `g3dr.depth.to_g3dr_depth` (percentile-normalised, flipped: depth in [4, 6), larger = farther).
