@@ -127,7 +127,7 @@ def load_depth_model(model_dir: Union[str, Path], device: Union[str, torch.devic
     try:
         from transformers import AutoImageProcessor, AutoModelForDepthEstimation
     except ImportError as e:
-        raise ImportError("g3dr depth needs transformers: pip install 'g3dr[depth]' (or pip install transformers)") from e
+        raise ImportError("g3dr depth needs transformers: pip install 'g3dr[depth]'") from e
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or torch.float32
     try:
@@ -254,7 +254,8 @@ def estimate_depth_folder(in_dir: Union[str, Path], out_dir: Union[str, Path, No
     `load_depth_model(model_dir, device)` (loaded only when there is something to do). Images of equal
     size run in batches of `batch_size`. An image that cannot be read, or whose batch fails, is
     reported in the summary's `failed` with the reason; the rest of the folder still runs.
-    Raises: FileNotFoundError/NotADirectoryError (in_dir), ValueError (no images, batch_size < 1),
+    `kind` overrides the model's output kind ("inverse" | "depth"; see `to_g3dr_depth`).
+    Raises: FileNotFoundError/NotADirectoryError (in_dir), ValueError (no images, batch_size < 1, kind),
     PermissionError (out_dir not writable), DepthModelNotFoundError (model_dir).
     """
     from PIL import Image
@@ -267,6 +268,8 @@ def estimate_depth_folder(in_dir: Union[str, Path], out_dir: Union[str, Path, No
         raise NotADirectoryError(f"estimate_depth_folder: input is not a folder: {in_dir}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"estimate_depth_folder: batch_size must be an int >= 1, got {batch_size!r}")
+    if kind is not None and kind not in KINDS:
+        raise ValueError(f"estimate_depth_folder: kind must be one of {KINDS} or None (the model's), got {kind!r}")
     if model is None and model_dir is None:
         raise ValueError("estimate_depth_folder: give model_dir (a local depth-model folder) or model")
     out = Path(out_dir).expanduser() if out_dir is not None else None

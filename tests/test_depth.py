@@ -234,6 +234,8 @@ def test_folder_errors(tmp_path, estimator):
         estimate_depth_folder(tmp_path, model=estimator, batch_size=0)
     with pytest.raises(ValueError, match="model_dir"):
         estimate_depth_folder(tmp_path)
+    with pytest.raises(ValueError, match="kind"):
+        estimate_depth_folder(tmp_path, model=estimator, kind="disparity")
 
 
 def test_unwritable_output_folder(folder, tmp_path, estimator):
