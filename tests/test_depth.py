@@ -70,6 +70,28 @@ def test_load_depth_model_kind_and_output_size(estimator):
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in out)
 
 
+def test_dpt_layout_loads(tmp_path):
+    from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessor
+
+    # the Intel/dpt-large layout (ViT backbone inside DPT), tiny
+    cfg = DPTConfig(hidden_size=16, num_hidden_layers=4, num_attention_heads=2, intermediate_size=32, image_size=32,
+                    patch_size=16, neck_hidden_sizes=[8, 8, 16, 16], fusion_hidden_size=8,
+                    backbone_out_indices=[0, 1, 2, 3], initializer_range=0.2)
+    DPTForDepthEstimation(cfg).save_pretrained(tmp_path)
+    DPTImageProcessor(size={"height": 32, "width": 32}, keep_aspect_ratio=False).save_pretrained(tmp_path)
+    est = load_depth_model(tmp_path, device="cpu")
+    assert est.kind == "inverse" and type(est.model).__name__ == "DPTForDepthEstimation"
+    assert [tuple(p.shape) for p in est.predict([Image.new("RGB", (40, 24))])] == [(24, 40)]
+
+
+def test_metric_models_are_depth_kind():
+    from transformers import DepthAnythingConfig
+
+    from g3dr.depth import _infer_kind
+    assert _infer_kind(DepthAnythingConfig(depth_estimation_type="metric")) == "depth"
+    assert _infer_kind(DepthAnythingConfig()) == "inverse"
+
+
 def test_folder_names_encoding_and_values(folder, model_dir, estimator):
     s = estimate_depth_folder(folder, model_dir=model_dir, batch_size=2, device="cpu", progress=False)
     assert s.ok and not s.skipped and len(s.done) == 3, str(s)
