@@ -4,6 +4,8 @@
   g3dr train --config P --data D --out RUN [key=value ...]   (torchrun ... -m g3dr train ... for DDP)
   g3dr render --ckpt RUN --input IMG|DIR --out DIR           views, video, depth maps, planes
   g3dr export --ckpt RUN --input IMG|planes.pt --out mesh.glb  meshes, depth mesh, voxels
+  g3dr depth DIR --model DEPTH_MODEL_DIR                     name_depth.png for every image
+  g3dr generate --prompt TEXT|--class N --ldm3d DIR --ckpt RUN --out DIR   text -> RGB-D -> 3D
 """
 from __future__ import annotations
 
@@ -81,6 +83,27 @@ def main(argv=None) -> None:
     e.add_argument("--depth-mesh", default=None, help="also write the canonical view as a depth mesh (.glb/.obj/.ply)")
     e.add_argument("--voxels", default=None, help="also write voxel occupancy (.npy/.npz/.binvox)")
     e.add_argument("--voxel-res", type=int, default=64)
+    dp = sub.add_parser("depth", help="monocular depth for a folder of images -> name_depth.png (a training folder)")
+    dp.add_argument("input", help="folder of images (recursive)")
+    dp.add_argument("--out", default=None, help="mirror the depth files under this folder (default: beside the images)")
+    dp.add_argument("--model", required=True, help="local transformers depth model folder (e.g. Depth Anything V2)")
+    dp.add_argument("--batch-size", type=int, default=8)
+    dp.add_argument("--device", default=None)
+    dp.add_argument("--overwrite", action="store_true", help="redo images whose depth file exists")
+    g = sub.add_parser("generate", help="text or ImageNet class -> RGB-D (LDM3D) -> triplanes -> views, video, mesh")
+    g.add_argument("--prompt", default=None)
+    g.add_argument("--class", dest="class_id", type=int, default=None, help="ImageNet class index (0-999)")
+    g.add_argument("--ldm3d", required=True, help="local folder of diffusers' LDM3D pipeline (Intel/ldm3d-4c)")
+    g.add_argument("--ckpt", required=True, help="g3dr run folder or checkpoint")
+    g.add_argument("--out", required=True)
+    g.add_argument("--name", default="generated")
+    g.add_argument("--steps", type=int, default=50, help="denoising steps")
+    g.add_argument("--guidance", type=float, default=5.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--size", type=int, default=512, help="LDM3D image size (the RGB-D is resized to the model's)")
+    g.add_argument("--frames", type=int, default=48)
+    g.add_argument("--mesh", default=None, help="also export a mesh (.glb/.obj/.ply)")
+    g.add_argument("--device", default=None)
     args, extra = p.parse_known_args(argv)
     # section.key=value overrides may stand anywhere among the options
     bad = [x for x in extra if x.startswith("-") or "=" not in x or getattr(args, "cmd", None) != "train"]
@@ -120,6 +143,32 @@ def main(argv=None) -> None:
         except (ValueError, OSError) as err:
             print(f"g3dr {args.cmd}: error: {err}", file=sys.stderr)
             raise SystemExit(2)
+    elif args.cmd == "depth":
+        from .depth import estimate_depth_folder
+        if args.batch_size < 1:
+            p.error(f"--batch-size must be >= 1, got {args.batch_size}")
+        try:
+            summary = estimate_depth_folder(args.input, args.out, model_dir=args.model, batch_size=args.batch_size,
+                                            device=args.device, overwrite=args.overwrite)
+        except (ValueError, OSError) as err:
+            print(f"g3dr depth: error: {err}", file=sys.stderr)
+            raise SystemExit(2)
+        print(summary)
+        if not summary.ok:
+            raise SystemExit(1)
+    elif args.cmd == "generate":
+        if (args.prompt is None) == (args.class_id is None):
+            p.error("give exactly one of --prompt and --class")
+        from .infer import generate_to_3d
+        try:
+            res = generate_to_3d(args.ldm3d, args.ckpt, args.out, prompt=args.prompt, class_id=args.class_id,
+                                 name=args.name, steps=args.steps, guidance=args.guidance, seed=args.seed,
+                                 size=args.size, n_frames=args.frames, mesh_out=args.mesh, device=args.device)
+        except (ValueError, OSError) as err:
+            print(f"g3dr generate: error: {err}", file=sys.stderr)
+            raise SystemExit(2)
+        for k, v in res.items():
+            print(f"{k}: {v}")
     elif args.cmd == "train":
         from .config import resolve
         from .train import RunFolderError, train

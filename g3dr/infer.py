@@ -235,3 +235,28 @@ def export_inputs(ckpt, source, out, *, depth=None, depth_model_dir=None, resolu
     if not written:
         raise ValueError("nothing to export: give --out, --depth-mesh and/or --voxels")
     return written
+
+
+def generate_to_3d(ldm3d_dir, ckpt, out, *, prompt: Optional[str] = None, class_id: Optional[int] = None,
+                   prompt_embeds=None, name: str = "generated", steps: int = 50, guidance: float = 5.0,
+                   seed: Optional[int] = None, size: Optional[int] = 512, n_frames: int = 48,
+                   mesh_out=None, device: Optional[str] = None, progress: bool = True, pipe=None,
+                   **render_kw) -> Dict[str, str]:
+    """`g3dr generate`: the paper's f_rgbd step (LDM3D: text or class -> RGB-D) then the same outputs as
+    `g3dr render` (and `g3dr export` with mesh_out): out/name.png + name_depth.png, out/name/ (frames,
+    video.mp4, video.gif, planes.pt), the mesh. `pipe` reuses a loaded pipeline."""
+    from .generate import generate_rgbd, load_ldm3d, save_rgbd
+    dev = pick_device(device)
+    pipe = pipe if pipe is not None else load_ldm3d(ldm3d_dir, device=dev)
+    rgb, depth = generate_rgbd(pipe, prompt, prompt_embeds=prompt_embeds, class_id=class_id, height=size, width=size,
+                               steps=steps, guidance=guidance, seed=seed)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    img_p, dep_p = save_rgbd(out, name, rgb, depth)
+    written = {"image": str(img_p), "depth": str(dep_p)}
+    res = render_inputs(ckpt, img_p, out, depth=dep_p, n_frames=n_frames, device=str(dev), progress=progress,
+                        **render_kw)[0]
+    written.update(views=res["out"], mp4=res["mp4"], gif=res["gif"])
+    if mesh_out is not None:
+        written.update(export_inputs(ckpt, Path(res["out"]) / "planes.pt", mesh_out, device=str(dev)))
+    return written

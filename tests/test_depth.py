@@ -266,3 +266,26 @@ def test_unwritable_output_folder(folder, tmp_path, estimator):
     with pytest.raises(PermissionError, match="cannot create output folder"):
         estimate_depth_folder(folder, blocker / "out", model=estimator, progress=False)
     assert not list(folder.rglob("*_depth.png"))  # nothing half-written
+
+
+def test_depth_cli_and_render_with_estimated_depth(folder, model_dir, tmp_path, capsys):
+    """`g3dr depth` writes a training folder; `g3dr render --depth-model` estimates depth on the fly."""
+    from g3dr.cli import main
+    main(["depth", str(folder), "--model", str(model_dir), "--batch-size", "2", "--device", "cpu"])
+    assert "3 written" in capsys.readouterr().out
+    assert read_depth_png(folder / "a_depth.png").shape == (20, 30)
+    main(["depth", str(folder), "--model", str(model_dir), "--device", "cpu"])
+    assert "3 skipped" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(["depth", str(folder), "--model", str(tmp_path / "nope"), "--overwrite"])
+    assert e.value.code == 2 and "nope" in capsys.readouterr().err
+    import warnings
+    from g3dr.config import apply_overrides, preset
+    from g3dr.train import train
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train(apply_overrides(preset("tiny"), ["train.steps=1"]), tmp_path / "run", progress=False)
+    (folder / "a_depth.png").unlink()
+    main(["render", "--ckpt", str(tmp_path / "run"), "--input", str(folder / "a.jpg"), "--depth-model", str(model_dir),
+          "--out", str(tmp_path / "r"), "--frames", "2", "--n-coarse", "4", "--n-fine", "4", "--device", "cpu"])
+    assert (tmp_path / "r" / "a" / "video.gif").is_file()

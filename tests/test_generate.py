@@ -185,3 +185,28 @@ def test_missing_weights_error(tmp_path, ldm3d_dir):
     (partial / "model_index.json").unlink()
     with pytest.raises(LDM3DNotFoundError, match=r"missing: model_index.json"):
         load_ldm3d(partial)
+
+
+def test_generate_to_3d_end_to_end(pipe, ldm3d_dir, tmp_path, capsys):
+    """The `g3dr generate` path: tiny LDM3D (prompt embeddings given: no tokenizer) -> RGB-D -> tiny G3DR ->
+    views, video, planes and a mesh; the CLI's argument errors."""
+    import warnings
+    from g3dr.cli import main
+    from g3dr.config import apply_overrides, preset
+    from g3dr.infer import generate_to_3d
+    from g3dr.train import train
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train(apply_overrides(preset("tiny"), ["train.steps=1"]), tmp_path / "run", progress=False)
+    emb = torch.randn(1, 4, EMB, generator=torch.Generator().manual_seed(0))
+    res = generate_to_3d(ldm3d_dir, tmp_path / "run", tmp_path / "out", prompt_embeds=emb, pipe=pipe, steps=2,
+                         guidance=1.0, seed=0, size=32, n_frames=2, n_coarse=4, n_fine=4, device="cpu",
+                         progress=False)
+    assert read_depth_png(res["depth"]).shape == (32, 32)
+    assert (tmp_path / "out" / "generated" / "planes.pt").is_file() and res["gif"].endswith("video.gif")
+    with pytest.raises(SystemExit):
+        main(["generate", "--ldm3d", str(ldm3d_dir), "--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--prompt", "a cat", "--ldm3d", str(tmp_path / "missing"), "--ckpt", str(tmp_path / "run"),
+              "--out", str(tmp_path / "o")])
+    assert e.value.code == 2 and "ldm3d-4c" in capsys.readouterr().err
