@@ -107,6 +107,11 @@ namespace {
 // owns a plane-gradient buffer of one batch element, so chunks must not be tiny).
 constexpr int64_t kFwdGrain = 8;
 constexpr int64_t kMinRaysPerChunk = 64;
+// The backward splits rays into chunks by thread count, and the chunks' plane gradients are summed
+// in a fixed order, so results are bitwise reproducible for a given thread count but differ (by
+// float rounding, ~1e-6 relative) between thread counts. Under torch.use_deterministic_algorithms(True)
+// the split assumes this many threads whatever the real count: identical gradients for any count.
+constexpr int64_t kDeterministicThreads = 8;
 
 // The per-chunk loops are compiled twice on x86-64 (AVX2+FMA and baseline; the loader picks one), with
 // every call inside them inlined so the shared header math gets the wider vectors too.
@@ -389,7 +394,9 @@ std::vector<at::Tensor> render_bwd_cpu(const at::Tensor& grad_rgb, const at::Ten
   const at::ScalarType acc = at::toOpMathType(depths.scalar_type());
   // Chunks: each batch element's rays split into per_batch parts, enough for every thread to have one
   // when B is small; each chunk owns a plane-gradient buffer for its batch element.
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t threads = at::globalContext().deterministicAlgorithms()
+                              ? kDeterministicThreads
+                              : std::max<int64_t>(1, at::get_num_threads());
   const int64_t per_batch =
       d.B == 0 ? 1 : std::max<int64_t>(1, std::min<int64_t>((threads + d.B - 1) / d.B, d.R / kMinRaysPerChunk));
   int64_t P = 0;  // one batch element of the pyramid
@@ -431,6 +438,12 @@ std::vector<at::Tensor> render_bwd_cpu(const at::Tensor& grad_rgb, const at::Ten
       k.gdec = gdec.data_ptr<double>();
       at::parallel_for(0, d.B * per_batch, 1, [&](int64_t begin, int64_t end) { bwd_chunks_any(k, begin, end); });
     });
+  }
+  if (d.B * d.R == 0) {  // nothing was accumulated (and the buffers may have no room for a level)
+    std::vector<at::Tensor> zeros;
+    for (const at::Tensor& t : levels) zeros.push_back(at::zeros_like(t));
+    for (const at::Tensor* t : {&w1, &b1, &w2, &b2}) zeros.push_back(at::zeros_like(*t));
+    return zeros;
   }
   const at::Tensor gsum = per_batch == 1 ? gplanes.select(1, 0) : gplanes.sum(1);  // [B, P], fixed order
   std::vector<at::Tensor> out;

@@ -225,11 +225,13 @@ def _level_scatter(gptr, H, W, bidx, ux, uy, uz, df, cc, cmask, rmask, C, PLANE_
 @triton.jit
 def _feats(planes, hs, ws, bidx, ux, uy, uz, cc, cmask, rmask, C, N_LEVELS: tl.constexpr,
            CDT: tl.constexpr, PLANE_AXES: tl.constexpr, CL: tl.constexpr):
-    """Sum over levels: [BR, CP]. planes/hs/ws are tuples, one entry per level."""
+    """Sum over levels: [BR, CP]. planes/hs/ws are tuples, one entry per level. A point with a
+    NaN/inf coordinate gets NaN features (u * 0 is NaN exactly then), as grid_sample in the
+    reference gives, so such a ray composites to NaN; _level_scatter adds nothing for it."""
     f = _level_feats(planes[0], hs[0], ws[0], bidx, ux, uy, uz, cc, cmask, rmask, C, CDT, PLANE_AXES, CL)
     for lv in tl.static_range(1, N_LEVELS):
         f += _level_feats(planes[lv], hs[lv], ws[lv], bidx, ux, uy, uz, cc, cmask, rmask, C, CDT, PLANE_AXES, CL)
-    return f
+    return f + (ux * 0.0 + uy * 0.0 + uz * 0.0)[:, None]
 
 
 @triton.jit

@@ -100,6 +100,15 @@ def _bilinear(a, b, H, W, nmask):
 
 
 @triton.jit
+def _plane_offsets(pid_b, p, C, cidx, H, W):
+    """Element offset of plane p of batch element pid_b in a [B,3,C,H,W] level, and the offsets of
+    channels cidx within it, all int64: H * W alone passes 2^31 for planes of 2^31 texels or more
+    (the int32 sizes are widened before any product)."""
+    HW = H.to(tl.int64) * W.to(tl.int64)
+    return (pid_b.to(tl.int64) * 3 + p) * C * HW, cidx.to(tl.int64) * HW
+
+
+@triton.jit
 def _step(i, pid_b, C, cidx, ux, uy, uz, L0, L1, L2, L3, H0, W0, H1, W1, H2, W2, H3, W3,
           PA0: tl.constexpr, PB0: tl.constexpr, PA1: tl.constexpr, PB1: tl.constexpr, PA2: tl.constexpr,
           PB2: tl.constexpr):
@@ -110,9 +119,7 @@ def _step(i, pid_b, C, cidx, ux, uy, uz, L0, L1, L2, L3, H0, W0, H1, W1, H2, W2,
     p = i - 3 * lvl
     H = _pick(lvl, H0, H1, H2, H3)
     W = _pick(lvl, W0, W1, W2, W3)
-    HW = H * W
-    off = (pid_b.to(tl.int64) * 3 + p) * C * HW
-    chan = cidx.to(tl.int64) * HW
+    off, chan = _plane_offsets(pid_b, p, C, cidx, H, W)
     ka = _pick(p, PA0, PA1, PA2, PA2)
     kb = _pick(p, PB0, PB1, PB2, PB2)
     return lvl, off, chan, H, W, ka, kb, _axis(ux, uy, uz, ka), _axis(ux, uy, uz, kb)
