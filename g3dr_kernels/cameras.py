@@ -29,7 +29,8 @@ def look_at(eye: torch.Tensor, target: torch.Tensor | None = None, up: Tuple[flo
     `up` is the world direction that appears upwards in the image. Raises ValueError when the camera
     sits on its target, or looks along `up` (the frame is then undefined)."""
     if not isinstance(eye, torch.Tensor) or eye.dim() != 2 or eye.shape[-1] != 3:
-        raise ValueError(f"eye must be a [B,3] tensor, got {tuple(eye.shape) if isinstance(eye, torch.Tensor) else eye!r}")
+        got = tuple(eye.shape) if isinstance(eye, torch.Tensor) else repr(eye)
+        raise ValueError(f"eye must be a [B,3] tensor, got {got}")
     target = torch.zeros_like(eye) if target is None else target
     if not isinstance(target, torch.Tensor) or target.shape != eye.shape:
         raise ValueError(f"target must be [B,3] like eye {tuple(eye.shape)}, got "
@@ -66,7 +67,8 @@ def orbit_cameras(n: int, radius: float = 2.7, elevation_deg: float = 15.0, devi
     if not (isinstance(radius, numbers.Real) and math.isfinite(radius) and radius > 0):
         raise ValueError(f"radius must be a finite positive number, got {radius!r}")
     if not (isinstance(elevation_deg, numbers.Real) and -90 < elevation_deg < 90):
-        raise ValueError(f"elevation_deg must be in (-90, 90) (the poles look along the up axis), got {elevation_deg!r}")
+        raise ValueError(f"elevation_deg must be in (-90, 90) (the poles look along the up axis), got "
+                         f"{elevation_deg!r}")
     az = torch.arange(n, dtype=dtype, device=device) * (2 * math.pi / n)
     el = math.radians(elevation_deg)
     eye = torch.stack([radius * math.cos(el) * torch.sin(az), torch.full_like(az, radius * math.sin(el)),
@@ -81,7 +83,7 @@ def camera_rays(cam2world: torch.Tensor, intrinsics: torch.Tensor, height: int, 
     width = height if width is None else width
     if cam2world.dim() != 3 or cam2world.shape[-2:] != (4, 4):
         raise ValueError(f"cam2world must be [B,4,4], got {tuple(cam2world.shape)}")
-    if any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in (height, width)) or height < 1 or width < 1:
+    if any(isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1 for v in (height, width)):
         raise ValueError(f"image size must be positive integers, got height={height!r}, width={width!r}")
     if intrinsics.shape not in ((3, 3), (cam2world.shape[0], 3, 3)):
         raise ValueError(f"intrinsics must be [3,3] or [B,3,3] with B = {cam2world.shape[0]}, got "
