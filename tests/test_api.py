@@ -270,16 +270,21 @@ def test_non_finite_rays_give_nan_like_the_reference(backend_device):
     assert [g.isfinite().all().item() for g in res[backend][1]] == [g.isfinite().all().item() for g in res["torch"][1]]
 
 
-def test_half_planes_build_their_pyramid():
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cpu", marks=pytest.mark.skipif(
+    not _backend.has_kernel("sample", "cpu"), reason="the C++ extension is not built"))])
+def test_half_planes_build_their_pyramid(backend):
     """fp16/bf16 planes given as one tensor with levels > 1 (interpolate has no half antialias kernel on
     the CPU): the pyramid is built in float32 and cast back, so the result is the float32 one rounded."""
     planes, xyz = torch.randn(2, 3, 4, 8, 8), torch.rand(2, 10, 3) * 2 - 1
     for dt in (torch.float16, torch.bfloat16):
         pyr = reference.build_pyramid(planes.to(dt), 3)
         assert [p.dtype for p in pyr] == [dt] * 3 and [p.shape[-1] for p in pyr] == [8, 4, 2]
-        got = K.sample_triplanes(planes.to(dt), xyz, levels=3, backend="torch")
+        p = planes.to(dt).requires_grad_()
+        got = K.sample_triplanes(p, xyz, levels=3, backend=backend)
         want = K.sample_triplanes(planes.to(dt).float(), xyz, levels=3, backend="torch")
         torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
+        got.float().sum().backward()
+        assert p.grad.dtype == dt and p.grad.isfinite().all() and p.grad.abs().sum() > 0
 
 
 def test_return_weights_flag():
