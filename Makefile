@@ -24,8 +24,11 @@ $(VENV)/.g3dr-installed: pyproject.toml setup.py csrc/sources.py $(shell find cs
 demo: setup
 	$(VENV)/bin/g3dr demo
 
+# G3DR_REQUIRE_BACKENDS=cpu: the build above always makes the C++ CPU kernels, so their absence is a
+# failure (tests/test_api.py), not a row of skips. -n 2 (pytest-xdist): two workers, so an abort in
+# an interpreted Triton kernel fails that one test (the worker is replaced) instead of the whole run.
 test: setup cmake-check
-	HF_HUB_OFFLINE=1 $(PY) -m pytest tests -q
+	G3DR_REQUIRE_BACKENDS=cpu HF_HUB_OFFLINE=1 $(PY) -m pytest tests -q -n 2
 
 bench: setup
 	$(PIP) install -q matplotlib

@@ -5,6 +5,7 @@ torch.compile traces (a data-dependent branch would break the graph).
 """
 from __future__ import annotations
 
+import math
 from typing import List, Sequence, Union
 
 import torch
@@ -55,9 +56,18 @@ def plane_axes_code(plane_axes: str) -> int:
     return PLANE_AXES[plane_axes]
 
 
+# The kernels take scale = 2 / box_warp as a float32 (float64 on the float64 paths): it must be a
+# normal float32, else points land at inf (tiny box_warp) or all at the centre (huge or inf box_warp).
+_F32 = torch.finfo(torch.float32)
+BOX_WARP_MIN, BOX_WARP_MAX = 2.0 / _F32.max, 2.0 / _F32.tiny
+
+
 def check_box_warp(box_warp: float) -> None:
-    if not (isinstance(box_warp, (int, float)) and box_warp > 0):
-        raise ValueError(f"box_warp must be a positive number, got {box_warp!r}")
+    if isinstance(box_warp, bool) or not isinstance(box_warp, (int, float)) or not math.isfinite(box_warp):
+        raise ValueError(f"box_warp must be a finite positive number, got {box_warp!r}")
+    if not BOX_WARP_MIN <= box_warp <= BOX_WARP_MAX:
+        raise ValueError(f"box_warp must be in [{BOX_WARP_MIN:.3g}, {BOX_WARP_MAX:.3g}] (so that 2/box_warp is a "
+                         f"normal float32), got {box_warp!r}")
 
 
 def check_planes(planes: Union[torch.Tensor, Sequence[torch.Tensor]], levels: int) -> List[torch.Tensor]:
@@ -69,6 +79,8 @@ def check_planes(planes: Union[torch.Tensor, Sequence[torch.Tensor]], levels: in
         check_tensor("planes", planes, 5)
         if planes.shape[1] != 3:
             raise ValueError(f"planes must be [B,3,C,H,W], got [{_shape(planes)}]")
+        if planes.shape[2] < 1:
+            raise ValueError(f"planes need C >= 1 channels, got [{_shape(planes)}]")
         H, W = planes.shape[-2:]
         f = 2 ** (levels - 1)
         if H // f < 1 or W // f < 1:
@@ -87,8 +99,8 @@ def check_planes(planes: Union[torch.Tensor, Sequence[torch.Tensor]], levels: in
             raise ValueError(
                 f"pyramid levels must all be [B,3,C,H,W] with the same B and C; got "
                 f"{[ '[' + _shape(q) + ']' for q in planes]}")
-        if p.shape[-1] < 1 or p.shape[-2] < 1:
-            raise ValueError(f"planes[{i}] has an empty plane: [{_shape(p)}]")
+        if p.shape[-1] < 1 or p.shape[-2] < 1 or p.shape[2] < 1:
+            raise ValueError(f"planes[{i}] has an empty plane or no channels (C = 0): [{_shape(p)}]")
         check_same("planes[0]", first, **{f"planes[{i}]": p})
     return list(planes)
 
@@ -132,12 +144,12 @@ def check_depths(depths, target_depth, kernel) -> None:
     if not isinstance(kernel, DepthKernel):
         raise TypeError(f"kernel must be a DepthKernel, got {type(kernel).__name__}")
     if not _compiling() and depths.numel() > 0:
-        if torch.isnan(depths).any():
-            raise ValueError(f"depths [{_shape(depths)}] contain NaN")
+        if not torch.isfinite(depths).all():
+            raise ValueError(f"depths [{_shape(depths)}] contain NaN or inf; sample depths must be finite")
         if (depths[..., 1:] < depths[..., :-1]).any():
             raise ValueError(f"depths [{_shape(depths)}] must be ascending along the last dim")
-        if target_depth is not None and torch.isnan(target_depth).any():
-            raise ValueError(f"target_depth [{_shape(target_depth)}] contains NaN")
+        if target_depth is not None and not torch.isfinite(target_depth).all():
+            raise ValueError(f"target_depth [{_shape(target_depth)}] contains NaN or inf; it must be finite")
 
 
 def check_decoder(w1, b1, w2, b2, C: int, ref: torch.Tensor) -> None:
@@ -153,6 +165,9 @@ def check_decoder(w1, b1, w2, b2, C: int, ref: torch.Tensor) -> None:
     check_same("w1", w1, b1=b1, w2=w2, b2=b2)
     if w1.device != ref.device:
         raise ValueError(f"decoder weights are on {w1.device} but planes are on {ref.device}")
+    if w1.dtype != ref.dtype:
+        raise TypeError(f"decoder weights are {w1.dtype} but planes are {ref.dtype}; the fused renderer takes one "
+                        f"dtype for planes, rays, depths and decoder (cast them, e.g. w1.to(planes.dtype))")
 
 
 def check_rays(rays_o, rays_d, depths, planes0) -> None:
@@ -166,3 +181,6 @@ def check_rays(rays_o, rays_d, depths, planes0) -> None:
     check_same("rays_o", rays_o, rays_d=rays_d, depths=depths)
     if rays_o.device != planes0.device:
         raise ValueError(f"rays are on {rays_o.device} but planes are on {planes0.device}")
+    if rays_o.dtype != planes0.dtype:
+        raise TypeError(f"rays and depths are {rays_o.dtype} but planes are {planes0.dtype}; the fused renderer "
+                        f"takes one dtype for planes, rays, depths and decoder")

@@ -4,6 +4,7 @@ units of the image size), one ray per pixel centre, unit-length directions."""
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Tuple
 
 import torch
@@ -25,13 +26,31 @@ def fov_to_intrinsics(fov_degrees: float, eg3d_compat: bool = False, device=None
 def look_at(eye: torch.Tensor, target: torch.Tensor | None = None, up: Tuple[float, float, float] = (0, 1, 0)
             ) -> torch.Tensor:
     """eye [B,3] (and target [B,3], default origin) -> camera-to-world [B,4,4], OpenCV frame.
-    `up` is the world direction that appears upwards in the image."""
-    if eye.dim() != 2 or eye.shape[-1] != 3:
-        raise ValueError(f"eye must be [B,3], got {tuple(eye.shape)}")
+    `up` is the world direction that appears upwards in the image. Raises ValueError when the camera
+    sits on its target, or looks along `up` (the frame is then undefined)."""
+    if not isinstance(eye, torch.Tensor) or eye.dim() != 2 or eye.shape[-1] != 3:
+        got = tuple(eye.shape) if isinstance(eye, torch.Tensor) else repr(eye)
+        raise ValueError(f"eye must be a [B,3] tensor, got {got}")
     target = torch.zeros_like(eye) if target is None else target
-    z = F.normalize(target - eye, dim=-1)
+    if not isinstance(target, torch.Tensor) or target.shape != eye.shape:
+        raise ValueError(f"target must be [B,3] like eye {tuple(eye.shape)}, got "
+                         f"{tuple(target.shape) if isinstance(target, torch.Tensor) else target!r}")
+    if not (torch.isfinite(eye).all() and torch.isfinite(target).all()):
+        raise ValueError("look_at: eye and target must be finite")
+    view = target - eye
+    dist = view.norm(dim=-1)
+    if (dist <= 1e-6 * (1 + eye.norm(dim=-1))).any():
+        bad = int(torch.nonzero(dist <= 1e-6 * (1 + eye.norm(dim=-1)))[0])
+        raise ValueError(f"look_at: camera {bad} sits on its target (eye == target = {eye[bad].tolist()})")
+    z = view / dist.unsqueeze(-1)
     upv = torch.tensor(up, dtype=eye.dtype, device=eye.device).expand_as(z)
-    x = F.normalize(torch.cross(z, upv, dim=-1), dim=-1)
+    side = torch.cross(z, upv, dim=-1)
+    # |z x up| = |up| sin(angle): below 1e-4 |up| the view is (nearly) parallel to up, no frame
+    if (side.norm(dim=-1) <= 1e-4 * upv.norm(dim=-1)).any():
+        bad = int(torch.nonzero(side.norm(dim=-1) <= 1e-4 * upv.norm(dim=-1))[0])
+        raise ValueError(f"look_at: camera {bad} looks along up={tuple(up)} (view direction {z[bad].tolist()}); "
+                         f"the image orientation is undefined; pass another `up` or move the camera")
+    x = F.normalize(side, dim=-1)
     y = torch.cross(z, x, dim=-1)
     c2w = torch.eye(4, dtype=eye.dtype, device=eye.device).repeat(eye.shape[0], 1, 1)
     c2w[:, :3, 0], c2w[:, :3, 1], c2w[:, :3, 2], c2w[:, :3, 3] = x, y, z, eye
@@ -41,7 +60,15 @@ def look_at(eye: torch.Tensor, target: torch.Tensor | None = None, up: Tuple[flo
 def orbit_cameras(n: int, radius: float = 2.7, elevation_deg: float = 15.0, device=None,
                   dtype=torch.float32) -> torch.Tensor:
     """A turntable: n camera-to-world matrices [n,4,4] on a circle around the y axis, `elevation_deg`
-    above the xz plane (+y is up in the images), looking at the origin."""
+    above the xz plane (+y is up in the images), looking at the origin. elevation_deg must be in
+    (-90, 90): at the poles the view is parallel to +y and the frame is undefined."""
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+        raise ValueError(f"orbit_cameras needs an int n >= 1 cameras, got {n!r}")
+    if not (isinstance(radius, numbers.Real) and math.isfinite(radius) and radius > 0):
+        raise ValueError(f"radius must be a finite positive number, got {radius!r}")
+    if not (isinstance(elevation_deg, numbers.Real) and -90 < elevation_deg < 90):
+        raise ValueError(f"elevation_deg must be in (-90, 90) (the poles look along the up axis), got "
+                         f"{elevation_deg!r}")
     az = torch.arange(n, dtype=dtype, device=device) * (2 * math.pi / n)
     el = math.radians(elevation_deg)
     eye = torch.stack([radius * math.cos(el) * torch.sin(az), torch.full_like(az, radius * math.sin(el)),
@@ -56,8 +83,11 @@ def camera_rays(cam2world: torch.Tensor, intrinsics: torch.Tensor, height: int, 
     width = height if width is None else width
     if cam2world.dim() != 3 or cam2world.shape[-2:] != (4, 4):
         raise ValueError(f"cam2world must be [B,4,4], got {tuple(cam2world.shape)}")
-    if height < 1 or width < 1:
-        raise ValueError(f"image size must be positive, got {height}x{width}")
+    if any(isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1 for v in (height, width)):
+        raise ValueError(f"image size must be positive integers, got height={height!r}, width={width!r}")
+    if intrinsics.shape not in ((3, 3), (cam2world.shape[0], 3, 3)):
+        raise ValueError(f"intrinsics must be [3,3] or [B,3,3] with B = {cam2world.shape[0]}, got "
+                         f"{tuple(intrinsics.shape)}")
     B = cam2world.shape[0]
     K = intrinsics.expand(B, 3, 3) if intrinsics.dim() == 2 else intrinsics
     dev, dt = cam2world.device, cam2world.dtype

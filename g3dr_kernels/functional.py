@@ -41,7 +41,9 @@ def sample_triplanes(planes: Planes, xyz: torch.Tensor, *, levels: int = 3, box_
     plane_axes: "eg3d" planes read (x,y), (x,z), (z,x) of u; "xyz" read (x,y), (x,z), (y,z).
     Returns [B,N,C]: the mean over the 3 planes of the sum over levels of bilinear samples
     (align_corners=False, zeros outside). Differentiable w.r.t. planes (every level) and xyz on every
-    backend. NaN/inf in xyz give zero features and zero gradients on "cpu" and "cuda".
+    backend. A point with a NaN/inf coordinate gets NaN features (and a NaN xyz gradient) on every
+    backend, as grid_sample gives, and adds nothing to the plane gradients. box_warp must be finite
+    with 2/box_warp a normal float32 (about [5.9e-39, 1.7e38]).
     """
     check_backend(backend)
     code = plane_axes_code(plane_axes)
@@ -102,6 +104,9 @@ def render_triplanes(planes: Planes, rays_o: torch.Tensor, rays_d: torch.Tensor,
     h = softplus(f @ w1.T + b1), o = h @ w2.T + b2, sigma = o[...,0],
     rgb = sigmoid(o[...,1:]) * (1 + 2e-3) - 1e-3. Then `composite` with the given options.
     Gradients flow to planes (every level, through the pyramid), w1, b1, w2, b2.
+    One dtype for planes, rays, depths and decoder. Depths (and target_depth) must be finite; a ray
+    whose origin or direction holds NaN/inf renders NaN (rgb, depth, opacity, weights) on every
+    backend, as the reference does, and its NaN reaches the gradients.
     """
     check_backend(backend)
     code = plane_axes_code(plane_axes)

@@ -21,13 +21,17 @@ from ._types import PLANE_AXES, PLANE_COORDS, Composite, DepthKernel
 
 def build_pyramid(finest: torch.Tensor, levels: int) -> List[torch.Tensor]:
     """[B,3,C,H,W] -> finest-first list of `levels` tensors; level l is the antialiased bilinear
-    downsampling of the finest level by 0.5**l (as the official G3DR code does)."""
+    downsampling of the finest level by 0.5**l (as the official G3DR code does). fp16/bf16 planes are
+    downsampled in float32 (antialiased interpolate has no half kernel on every device) and the
+    coarser levels cast back to the plane dtype."""
     B, P, C, H, W = finest.shape
     out = [finest]
+    low = finest.dtype in (torch.float16, torch.bfloat16)
     flat = finest.reshape(B * P, C, H, W)
+    flat = flat.float() if low else flat
     for lvl in range(1, levels):
         down = F.interpolate(flat, scale_factor=0.5 ** lvl, mode="bilinear", antialias=True, align_corners=False)
-        out.append(down.reshape(B, P, C, *down.shape[-2:]))
+        out.append(down.reshape(B, P, C, *down.shape[-2:]).to(finest.dtype))
     return out
 
 

@@ -180,6 +180,27 @@ def test_deterministic():
 
 
 @cpu_only
+def test_deterministic_mode_ignores_thread_count():
+    """The backward splits rays into per-thread chunks whose plane gradients are summed in a fixed order:
+    reproducible for one thread count, but rounding differs between counts (README). Under
+    torch.use_deterministic_algorithms(True) the split no longer depends on the thread count."""
+    inp = _inputs(B=1, R=256, S=6, C=4, hidden=8, D=3, sizes=((8, 8),), seed=3)
+    threads, was = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    runs = []
+    try:
+        torch.use_deterministic_algorithms(True)
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            runs.append(_run("cpu", inp, torch.float32, "cpu"))
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(was)
+    for other in runs[1:]:
+        for k in runs[0]:
+            assert torch.equal(runs[0][k], other[k]), k
+
+
+@cpu_only
 def test_gradcheck_float64():
     inp = _inputs(B=1, R=3, S=4, C=2, hidden=4, D=2, sizes=((4, 3), (2, 2)), target=False, miss=0.0)
     planes = [p.clone().requires_grad_(True) for p in inp["planes"]]

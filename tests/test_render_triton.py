@@ -13,7 +13,7 @@ import torch
 
 from g3dr_kernels import DepthKernel, reference, render_triplanes
 from g3dr_kernels import _backend
-from tests._util import assert_close, grads
+from _util import assert_close, grads
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 _why = _backend._unavailable("render", "triton", DEV)

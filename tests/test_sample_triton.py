@@ -316,3 +316,21 @@ def test_kernels_compile_for_sm90():
     res = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, cwd=root, capture_output=True, text=True,
                          timeout=600)
     assert res.returncode == 0 and "compiled" in res.stdout, res.stderr[-4000:]
+
+
+def test_plane_offsets_are_int64_past_2_31_texels():
+    """Planes of 2^31 texels or more: H * W (both int32 kernel arguments) must be formed in int64, or
+    the offsets wrap (65536 x 65536 texels give 0 in int32). Checked on the offset helper itself, since
+    such planes (16 GiB in float32) cannot be allocated in a test."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _probe(out_ptr, H, W, C, p):
+        off, chan = ts._plane_offsets(tl.program_id(0), p, C, tl.arange(0, 2), H, W)
+        tl.store(out_ptr + tl.arange(0, 2), off + chan)
+
+    out = torch.zeros(2, dtype=torch.int64, device=DEV)
+    _probe[(1,)](out, 65536, 65536, 3, 1)  # batch 0, plane 1, channels 0 and 1
+    hw = 65536 * 65536
+    assert out.tolist() == [3 * hw, 4 * hw]

@@ -15,6 +15,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -27,8 +28,8 @@ namespace render {
 // Argument checks shared with csrc/cuda/render.cu (declared there). Shapes in every message.
 Dims check_fwd_args(at::TensorList levels, const at::Tensor& rays_o, const at::Tensor& rays_d,
                     const at::Tensor& depths, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
-                    const at::Tensor& b2, const std::optional<at::Tensor>& target, int64_t plane_axes, double s2,
-                    double c_min, double c_max) {
+                    const at::Tensor& b2, const std::optional<at::Tensor>& target, double scale,
+                    int64_t plane_axes, double s2, double c_min, double c_max) {
   TORCH_CHECK(!levels.empty() && static_cast<int>(levels.size()) <= kMaxLevels, "render: expected 1..", kMaxLevels,
               " pyramid levels, got ", levels.size());
   const at::Tensor& l0 = levels[0];
@@ -69,6 +70,7 @@ Dims check_fwd_args(at::TensorList levels, const at::Tensor& rays_o, const at::T
                 target->device());
   }
   TORCH_CHECK(plane_axes == 0 || plane_axes == 1, "render: plane_axes must be 0 (eg3d) or 1 (xyz), got ", plane_axes);
+  TORCH_CHECK(std::isfinite(scale) && scale > 0, "render: scale (2 / box_warp) must be finite and > 0, got ", scale);
   TORCH_CHECK(s2 > 0 && c_min <= c_max, "render: depth kernel needs s2 > 0 and c_min <= c_max, got s2=", s2,
               ", c_min=", c_min, ", c_max=", c_max);
   return Dims{B, R, S, C, w1.size(0), w2.size(0)};
@@ -107,6 +109,11 @@ namespace {
 // owns a plane-gradient buffer of one batch element, so chunks must not be tiny).
 constexpr int64_t kFwdGrain = 8;
 constexpr int64_t kMinRaysPerChunk = 64;
+// The backward splits rays into chunks by thread count, and the chunks' plane gradients are summed
+// in a fixed order, so results are bitwise reproducible for a given thread count but differ (by
+// float rounding, ~1e-6 relative) between thread counts. Under torch.use_deterministic_algorithms(True)
+// the split assumes this many threads whatever the real count: identical gradients for any count.
+constexpr int64_t kDeterministicThreads = 8;
 
 // The per-chunk loops are compiled twice on x86-64 (AVX2+FMA and baseline; the loader picks one), with
 // every call inside them inlined so the shared header math gets the wider vectors too.
@@ -350,7 +357,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> render_fwd_cpu(
     const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
     const std::optional<at::Tensor>& target, double scale, int64_t plane_axes, double s1, double s2, double c_min,
     double c_max, double density_bias, double eps, bool white_bg, bool need_weights) {
-  const Dims d = check_fwd_args(levels, rays_o, rays_d, depths, w1, b1, w2, b2, target, plane_axes, s2, c_min, c_max);
+  const Dims d =
+      check_fwd_args(levels, rays_o, rays_d, depths, w1, b1, w2, b2, target, scale, plane_axes, s2, c_min, c_max);
   TORCH_CHECK(depths.device().is_cpu(), "render_fwd (cpu): tensors must be on the CPU, got ", depths.device());
   const auto opts = depths.options();
   at::Tensor out_rgb = at::empty({d.B, d.R, d.O - 1}, opts);
@@ -383,13 +391,16 @@ std::vector<at::Tensor> render_bwd_cpu(const at::Tensor& grad_rgb, const at::Ten
                                        const at::Tensor& out_depth, const at::Tensor& out_opacity, double scale,
                                        int64_t plane_axes, double s1, double s2, double c_min, double c_max,
                                        double density_bias, double eps, bool white_bg) {
-  const Dims d = check_fwd_args(levels, rays_o, rays_d, depths, w1, b1, w2, b2, target, plane_axes, s2, c_min, c_max);
+  const Dims d =
+      check_fwd_args(levels, rays_o, rays_d, depths, w1, b1, w2, b2, target, scale, plane_axes, s2, c_min, c_max);
   check_bwd_args(d, grad_rgb, grad_depth, grad_opacity, grad_weights, out_rgb, out_depth, out_opacity, depths);
   TORCH_CHECK(depths.device().is_cpu(), "render_bwd (cpu): tensors must be on the CPU, got ", depths.device());
   const at::ScalarType acc = at::toOpMathType(depths.scalar_type());
   // Chunks: each batch element's rays split into per_batch parts, enough for every thread to have one
   // when B is small; each chunk owns a plane-gradient buffer for its batch element.
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t threads = at::globalContext().deterministicAlgorithms()
+                              ? kDeterministicThreads
+                              : std::max<int64_t>(1, at::get_num_threads());
   const int64_t per_batch =
       d.B == 0 ? 1 : std::max<int64_t>(1, std::min<int64_t>((threads + d.B - 1) / d.B, d.R / kMinRaysPerChunk));
   int64_t P = 0;  // one batch element of the pyramid
@@ -431,6 +442,12 @@ std::vector<at::Tensor> render_bwd_cpu(const at::Tensor& grad_rgb, const at::Ten
       k.gdec = gdec.data_ptr<double>();
       at::parallel_for(0, d.B * per_batch, 1, [&](int64_t begin, int64_t end) { bwd_chunks_any(k, begin, end); });
     });
+  }
+  if (d.B * d.R == 0) {  // nothing was accumulated (and the buffers may have no room for a level)
+    std::vector<at::Tensor> zeros;
+    for (const at::Tensor& t : levels) zeros.push_back(at::zeros_like(t));
+    for (const at::Tensor* t : {&w1, &b1, &w2, &b2}) zeros.push_back(at::zeros_like(*t));
+    return zeros;
   }
   const at::Tensor gsum = per_batch == 1 ? gplanes.select(1, 0) : gplanes.sum(1);  // [B, P], fixed order
   std::vector<at::Tensor> out;

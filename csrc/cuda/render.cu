@@ -34,8 +34,8 @@ namespace render {
 // Defined in csrc/cpu/render.cpp (the op-boundary checks both backends share).
 Dims check_fwd_args(at::TensorList levels, const at::Tensor& rays_o, const at::Tensor& rays_d,
                     const at::Tensor& depths, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
-                    const at::Tensor& b2, const std::optional<at::Tensor>& target, int64_t plane_axes, double s2,
-                    double c_min, double c_max);
+                    const at::Tensor& b2, const std::optional<at::Tensor>& target, double scale,
+                    int64_t plane_axes, double s2, double c_min, double c_max);
 void check_bwd_args(const Dims& d, const at::Tensor& grad_rgb, const at::Tensor& grad_depth,
                     const at::Tensor& grad_opacity, const std::optional<at::Tensor>& grad_weights,
                     const at::Tensor& out_rgb, const at::Tensor& out_depth, const at::Tensor& out_opacity,
@@ -199,7 +199,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> render_fwd_cuda(
     const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
     const std::optional<at::Tensor>& target, double scale, int64_t plane_axes, double s1, double s2, double c_min,
     double c_max, double density_bias, double eps, bool white_bg, bool need_weights) {
-  const Dims d = check_fwd_args(levels, rays_o, rays_d, depths, w1, b1, w2, b2, target, plane_axes, s2, c_min, c_max);
+  const Dims d =
+      check_fwd_args(levels, rays_o, rays_d, depths, w1, b1, w2, b2, target, scale, plane_axes, s2, c_min, c_max);
   check_cuda_sizes(d, depths);
   const c10::cuda::CUDAGuard guard(depths.device());
   const auto opts = depths.options();
@@ -239,7 +240,8 @@ std::vector<at::Tensor> render_bwd_cuda(const at::Tensor& grad_rgb, const at::Te
                                         const at::Tensor& out_depth, const at::Tensor& out_opacity, double scale,
                                         int64_t plane_axes, double s1, double s2, double c_min, double c_max,
                                         double density_bias, double eps, bool white_bg) {
-  const Dims d = check_fwd_args(levels, rays_o, rays_d, depths, w1, b1, w2, b2, target, plane_axes, s2, c_min, c_max);
+  const Dims d =
+      check_fwd_args(levels, rays_o, rays_d, depths, w1, b1, w2, b2, target, scale, plane_axes, s2, c_min, c_max);
   check_bwd_args(d, grad_rgb, grad_depth, grad_opacity, grad_weights, out_rgb, out_depth, out_opacity, depths);
   check_cuda_sizes(d, depths);
   const c10::cuda::CUDAGuard guard(depths.device());

@@ -22,12 +22,13 @@ Backward, one forward scan per ray (O(S), no per-ray buffers):
     with a target x: both multiplied by k_i = min(c_max, max(s1 exp(-(x - t_i)^2 / s2), c_min))
     each sample gets half of the gradient of each interval next to it.
 Accumulation is fp32 (fp64 for fp64 inputs); fp16/bf16 inputs are read and written in their dtype.
-Scalar arguments (s1, s2, c_min, c_max, density_bias, eps) reach the kernels as fp32 (Triton's float
-arguments, compiled; the interpreter keeps them as Python floats): with fp64 inputs, k can differ from
-the fp64 reference's by up to ~2e-7 relative (s2's rounding times (x - t)^2 / s2 <= ln(s1 / c_min))
-unless the constants are exact in fp32. Approximate fp32 exp on NVIDIA (ex2.approx): a few ulps.
+Scalar arguments (s1, s2, c_min, c_max, density_bias, eps) reach the kernels as fp32 pairs (hi, lo)
+(Triton passes floats as fp32): fp64 runs rebuild each as hi + lo in fp64 (~48 bits), so they match
+the fp64 reference to summation order. Approximate fp32 exp on NVIDIA (ex2.approx): a few ulps.
 """
 from __future__ import annotations
+
+import struct
 
 from typing import Optional, Tuple
 
@@ -79,10 +80,28 @@ def _interval(s0, s1, d0, d1, density_bias, WITH_GRAD: tl.constexpr):
 
 
 @triton.jit
+def _scalar(hi, lo, ACC: tl.constexpr):
+    """A float argument in the accumulation dtype. Triton passes Python floats as float32, so float64
+    runs get each one as hi + lo (both float32; lo is 0 for float32 runs), summed in float64."""
+    if ACC == tl.float64:
+        return (tl.zeros([], tl.float64) + hi) + lo
+    else:
+        return hi + 0.0
+
+
+def _split(x: float, acc: tl.dtype) -> Tuple[float, float]:
+    """(hi, lo) float32 parts of x for _scalar: lo carries what float32 drops, for float64 runs."""
+    hi = struct.unpack("f", struct.pack("f", float(x)))[0]
+    return hi, (struct.unpack("f", struct.pack("f", float(x) - hi))[0] if acc == tl.float64 else 0.0)
+
+
+@triton.jit
 def _composite_fwd_kernel(sigma_ptr, rgb_ptr, depths_ptr, out_rgb_ptr, out_depth_ptr, out_opacity_ptr,
-                          weights_ptr, n_rays, S, D, density_bias, eps,
+                          weights_ptr, n_rays, S, D, bias_hi, bias_lo, eps_hi, eps_lo,
                           WHITE_BG: tl.constexpr, NEED_WEIGHTS: tl.constexpr, ACC: tl.constexpr,
                           BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    density_bias = _scalar(bias_hi, bias_lo, ACC)
+    eps = _scalar(eps_hi, eps_lo, ACC)
     pid = tl.program_id(0)
     rays = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
     rmask = rays < n_rays
@@ -152,10 +171,17 @@ def _total_wg(sigma_ptr, rgb_ptr, depths_ptr, gw_ptr, s_base, c_base, w_base, rm
 @triton.jit
 def _composite_bwd_kernel(g_rgb_ptr, g_depth_ptr, g_opacity_ptr, g_weights_ptr, sigma_ptr, rgb_ptr, depths_ptr,
                           target_ptr, out_rgb_ptr, out_depth_ptr, out_opacity_ptr, grad_sigma_ptr, grad_rgb_ptr,
-                          n_rays, S, D, s1_k, s2_k, c_min, c_max, density_bias, eps,
+                          n_rays, S, D, s1_hi, s1_lo, s2_hi, s2_lo, cmin_hi, cmin_lo, cmax_hi, cmax_lo,
+                          bias_hi, bias_lo, eps_hi, eps_lo,
                           HAS_TARGET: tl.constexpr, WHITE_BG: tl.constexpr, HAS_GRAD_WEIGHTS: tl.constexpr,
                           FIRST_PASS_FULL: tl.constexpr, ACC: tl.constexpr,
                           BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    s1_k = _scalar(s1_hi, s1_lo, ACC)
+    s2_k = _scalar(s2_hi, s2_lo, ACC)
+    c_min = _scalar(cmin_hi, cmin_lo, ACC)
+    c_max = _scalar(cmax_hi, cmax_lo, ACC)
+    density_bias = _scalar(bias_hi, bias_lo, ACC)
+    eps = _scalar(eps_hi, eps_lo, ACC)
     pid = tl.program_id(0)
     rays = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
     rmask = rays < n_rays
@@ -268,10 +294,12 @@ def composite_fwd(sigma: Tensor, rgb: Tensor, depths: Tensor, target: Optional[T
         return out_rgb, out_depth, out_opacity, weights
     block_r, block_d, num_warps = _launch_config(n_rays, D)
     grid = (triton.cdiv(n_rays, block_r),)
+    acc = _acc_dtype(sigma.dtype)
     _composite_fwd_kernel[grid](sigma, rgb, depths, out_rgb, out_depth, out_opacity,
-                                weights if need_weights else out_opacity, n_rays, S, D, float(density_bias),
-                                float(eps), WHITE_BG=bool(white_bg), NEED_WEIGHTS=bool(need_weights),
-                                ACC=_acc_dtype(sigma.dtype), BLOCK_R=block_r, BLOCK_D=block_d, num_warps=num_warps)
+                                weights if need_weights else out_opacity, n_rays, S, D,
+                                *_split(density_bias, acc), *_split(eps, acc), WHITE_BG=bool(white_bg),
+                                NEED_WEIGHTS=bool(need_weights), ACC=acc, BLOCK_R=block_r, BLOCK_D=block_d,
+                                num_warps=num_warps)
     return out_rgb, out_depth, out_opacity, weights
 
 
@@ -304,8 +332,9 @@ def composite_bwd(grad_rgb: Tensor, grad_depth: Tensor, grad_opacity: Tensor, gr
     grid = (triton.cdiv(n_rays, block_r),)
     _composite_bwd_kernel[grid](c[0], c[1], c[2], gw if gw is not None else c[1], c[3], c[4], c[5],
                                 tgt if tgt is not None else c[1], c[6], c[7], c[8], grad_sigma, grad_rgb_in,
-                                n_rays, S, D, float(s1), float(s2), float(c_min), float(c_max), float(density_bias),
-                                float(eps), HAS_TARGET=tgt is not None, WHITE_BG=bool(white_bg),
+                                n_rays, S, D, *[v for x in (s1, s2, c_min, c_max, density_bias, eps)
+                                                for v in _split(x, _acc_dtype(sigma.dtype))],
+                                HAS_TARGET=tgt is not None, WHITE_BG=bool(white_bg),
                                 HAS_GRAD_WEIGHTS=gw is not None, FIRST_PASS_FULL=full_first_pass,
                                 ACC=_acc_dtype(sigma.dtype), BLOCK_R=block_r, BLOCK_D=block_d, num_warps=num_warps)
     return grad_sigma, grad_rgb_in

@@ -42,6 +42,8 @@ Reference for the layout (blocks of rays marching samples, tl.dot MLP on ray til
 """
 from __future__ import annotations
 
+import math
+
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -225,11 +227,13 @@ def _level_scatter(gptr, H, W, bidx, ux, uy, uz, df, cc, cmask, rmask, C, PLANE_
 @triton.jit
 def _feats(planes, hs, ws, bidx, ux, uy, uz, cc, cmask, rmask, C, N_LEVELS: tl.constexpr,
            CDT: tl.constexpr, PLANE_AXES: tl.constexpr, CL: tl.constexpr):
-    """Sum over levels: [BR, CP]. planes/hs/ws are tuples, one entry per level."""
+    """Sum over levels: [BR, CP]. planes/hs/ws are tuples, one entry per level. A point with a
+    NaN/inf coordinate gets NaN features (u * 0 is NaN exactly then), as grid_sample in the
+    reference gives, so such a ray composites to NaN; _level_scatter adds nothing for it."""
     f = _level_feats(planes[0], hs[0], ws[0], bidx, ux, uy, uz, cc, cmask, rmask, C, CDT, PLANE_AXES, CL)
     for lv in tl.static_range(1, N_LEVELS):
         f += _level_feats(planes[lv], hs[lv], ws[lv], bidx, ux, uy, uz, cc, cmask, rmask, C, CDT, PLANE_AXES, CL)
-    return f
+    return f + (ux * 0.0 + uy * 0.0 + uz * 0.0)[:, None]
 
 
 @triton.jit
@@ -569,8 +573,28 @@ def _sizes(levels: Sequence[Tensor], depths: Tensor, w1: Tensor, w2: Tensor, *ot
            ) -> Tuple[int, ...]:
     if len(levels) < 1:
         raise ValueError("render needs at least one plane level")
+    if depths.dim() != 3 or depths.shape[2] < 2:
+        raise ValueError(f"triton render: depths must be [B,R,S] with S >= 2, got {list(depths.shape)}")
     B, R, S = depths.shape
-    C, HID, D = levels[0].shape[2], w1.shape[0], w2.shape[0] - 1
+    l0 = levels[0]
+    for i, lv in enumerate(levels):
+        if lv.dim() != 5 or lv.shape[:3] != (B, 3, l0.shape[2]) or lv.shape[3] < 1 or lv.shape[4] < 1:
+            raise ValueError(f"triton render: levels must be [B,3,C,H,W] with depths' B = {B} and one C; "
+                             f"levels[{i}] is {list(lv.shape)}, levels[0] {list(l0.shape)}")
+    C, HID, D = l0.shape[2], w1.shape[0], w2.shape[0] - 1
+    rays_o, rays_d, b1, b2, *rest = others
+    want = {"rays_o": (rays_o, (B, R, 3)), "rays_d": (rays_d, (B, R, 3)), "w1": (w1, (HID, C)),
+            "b1": (b1, (HID,)), "w2": (w2, (D + 1, HID)), "b2": (b2, (D + 1,))}
+    if rest and rest[0] is not None:
+        want["target"] = (rest[0], (B, R))
+    for name, (t, shape) in want.items():
+        if tuple(t.shape) != shape:
+            raise ValueError(f"triton render: {name} must be {list(shape)} (B={B}, R={R}, C={C}, hidden={HID}, "
+                             f"D={D}), got {list(t.shape)}")
+        if t.device != depths.device:
+            raise ValueError(f"triton render: {name} is on {t.device} but depths are on {depths.device}")
+    if D < 1:
+        raise ValueError(f"triton render: w2 must be [1+D,hidden] with D >= 1, got {list(w2.shape)}")
     CP, HP, DP = _pad(C), _pad(HID), _pad(D + 1)
     if max(CP, HP, DP) > MAX_PAD:
         raise ValueError(f"triton render supports C, hidden and 1+D up to {MAX_PAD}; got planes "
@@ -579,6 +603,13 @@ def _sizes(levels: Sequence[Tensor], depths: Tensor, w1: Tensor, w2: Tensor, *ot
         if t is not None and not t.is_contiguous():
             raise ValueError(f"triton render expects contiguous inputs, got one of shape {list(t.shape)}")
     return B, R, S, C, HID, D, CP, HP, DP
+
+
+def _check_scalars(scale: float, plane_axes: int) -> None:
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"triton render: scale (2 / box_warp) must be finite and > 0, got {scale!r}")
+    if plane_axes not in (0, 1):
+        raise ValueError(f"triton render: plane_axes must be 0 (eg3d) or 1 (xyz), got {plane_axes!r}")
 
 
 def _split(x: float, cdt: torch.dtype) -> Tuple[float, float]:
@@ -659,6 +690,7 @@ def render_fwd(levels: List[Tensor], rays_o: Tensor, rays_d: Tensor, depths: Ten
                need_weights: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> (rgb [B,R,D], depth [B,R], opacity [B,R], weights [B,R,S-1] or an empty tensor).
     The forward ignores target and the kernel constants (they only scale gradients)."""
+    _check_scalars(scale, plane_axes)
     sizes = _sizes(levels, depths, w1, w2, rays_o, rays_d, b1, b2, target)
     B, R, S, C, HID, D, *_ = sizes
     rgb = depths.new_empty(B, R, D)
@@ -680,6 +712,7 @@ def render_bwd(grad_rgb: Tensor, grad_depth: Tensor, grad_opacity: Tensor, grad_
                out_opacity: Tensor, scale: float, plane_axes: int, s1: float, s2: float, c_min: float,
                c_max: float, density_bias: float, eps: float, white_bg: bool) -> List[Tensor]:
     """-> [grad of each level..., grad_w1, grad_b1, grad_w2, grad_b2]."""
+    _check_scalars(scale, plane_axes)
     sizes = _sizes(levels, depths, w1, w2, rays_o, rays_d, b1, b2, target)
     B, R, S, C, HID, D, CP, HP, DP = sizes
     n = B * R

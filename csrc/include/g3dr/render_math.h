@@ -48,11 +48,19 @@ struct PyramidView {
   int C;
 };
 
-// f[c] = sum over levels, mean over planes, of the bilinear samples at u [3] (zeros outside).
+// f[c] = sum over levels, mean over planes, of the bilinear samples at u [3] (zeros outside). A point
+// with a NaN/inf coordinate gets NaN features, as grid_sample (the reference) gives: a ray with a
+// non-finite origin, direction or depth then composites to NaN on every backend. scatter_point_grad
+// adds nothing for such a point (bilinear_tap rejects it); its NaN reaches the gradients through
+// the decoder and the ray's other samples, as in the reference.
 template <typename scalar_t, typename acc_t>
 G3DR_HD void point_features(const PyramidView<const scalar_t>& pv, int64_t b, const acc_t* u, int plane_axes,
                             acc_t* __restrict__ f) {
   const int C = pv.C;
+  if (!finite_point(u)) {
+    for (int c = 0; c < C; ++c) f[c] = quiet_nan<acc_t>();
+    return;
+  }
   for (int c = 0; c < C; ++c) f[c] = acc_t(0);
   const acc_t third = acc_t(1) / acc_t(3);
   for (int l = 0; l < pv.levels; ++l) {
