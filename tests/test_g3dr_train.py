@@ -137,7 +137,9 @@ def test_sigterm_saves_and_exits(tmp_path):
 
 @pytest.mark.parametrize("novel", [False, True], ids=["canonical", "novel"])
 def test_ddp_two_ranks_equal_one_rank_with_twice_the_batch(tmp_path, novel):
+    # deterministic sampling: per-sample random numbers are drawn per process, so they would differ
     common = ["--config", "tiny", "--quiet", "train.steps=2", "render.perturb=false", "render.target_prob=1",
+              "render.sampling=uniform", "render.target_mode=add",
               "data.flip=true", "schedule.p_novel_ramp=0", f"schedule.p_novel_max={int(novel)}"]
     one = _cli(["train", "--out", str(tmp_path / "one"), "train.batch_size=4", *common])
     two = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
