@@ -374,8 +374,8 @@ def evaluate(ckpt_or_model, data: str = "synthetic", metrics: Sequence[str] = AL
             if "geometry" in want:
                 row.update(_geometry(target, state, geo_truth, s, n_points, fscore_threshold, notes))
             if s == 1.0 and ext is not None:
-                fake.append(pred["rgb"][1:] if len(views) > 1 else pred["rgb"])
-                real.append((truth["rgb"][1:] if len(views) > 1 else truth["rgb"]) if synthetic else image[None])
+                fake.append(pred["rgb"])  # every view; real: the true views, or the input images on a folder
+                real.append(truth["rgb"] if synthetic else image[None])
             per_scene[s].append(row)
             if bar is not None:
                 bar.update(1)
@@ -476,11 +476,17 @@ def _geometry(target, state, geo_truth, s, n_points, thr, notes) -> Dict[str, Op
 
 
 def _distribution_metrics(real, fake, ext, notes) -> Dict[str, float]:
+    """FID, KID (mean, std) and IS of fake [N,3,H,W] vs real [M,3,H,W]; skipped (note) below 2 images."""
     feats, logits = ext
+    if min(real.shape[0], fake.shape[0]) < 2:
+        notes["fid"] = f"skipped: FID/KID need >= 2 images per set, got {real.shape[0]} real, {fake.shape[0]} rendered"
+        return {}
     out = {"fid": M.fid(real, fake, feats)}
     n = min(real.shape[0], fake.shape[0])
     out["kid"], out["kid_std"] = M.kid(real, fake, feats, subsets=10, subset_size=n)
-    out["inception_score"], _ = M.inception_score(fake, logits, splits=1)
+    with warnings.catch_warnings():  # one split: torchmetrics warns that the std is undefined
+        warnings.simplefilter("ignore", UserWarning)
+        out["inception_score"], _ = M.inception_score(fake, logits, splits=1)
     if n < 100:
         notes.setdefault("fid", "")
         notes["fid"] = (notes["fid"] + "; " if notes["fid"] else "") + \
