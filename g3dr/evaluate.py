@@ -299,6 +299,10 @@ def evaluate(ckpt_or_model, data: str = "synthetic", metrics: Sequence[str] = AL
     depth_accuracy_canonical, depth_accuracy_novel; iou, chamfer, fscore, precision, recall; fid,
     kid, kid_std, inception_score. Lower is better for LPIPS, depth errors, depth accuracy, Chamfer, FID, KID.
     """
+    eval_args = dict(metrics=metrics, n_scenes=n_scenes, yaw_offsets=yaw_offsets, pitch_offsets=pitch_offsets,
+                     sigma_scales=sigma_scales, resolution=resolution, first_scene=first_scene, n_coarse=n_coarse,
+                     n_fine=n_fine, iso=iso, geometry_resolution=geometry_resolution, n_points=n_points,
+                     fscore_threshold=fscore_threshold, inception=inception)
     unknown = sorted(set(metrics) - set(ALL_METRICS))
     if unknown:
         raise ValueError(f"unknown metrics {unknown}; choose from {', '.join(ALL_METRICS)}")
@@ -402,7 +406,8 @@ def evaluate(ckpt_or_model, data: str = "synthetic", metrics: Sequence[str] = AL
                      n_coarse=n_coarse or r.n_coarse, n_fine=n_fine or r.n_fine, nfs_bounds=list(bounds),
                      iso=iso, geometry_resolution=geometry_resolution, n_points=n_points,
                      fscore_threshold=fscore_threshold, iou_bbox=[list(b) for b in _iou_bbox(cfg)],
-                     requested=list(metrics), device=str(dev), seconds=time.perf_counter() - t0, **machine_info()),
+                     requested=list(metrics), device=str(dev), seconds=time.perf_counter() - t0, **machine_info(),
+                     eval_args=json.loads(json.dumps(eval_args, default=str))),
     }
     if out is not None:
         out = Path(out)
@@ -627,15 +632,34 @@ def ablation(out_dir: Union[str, Path] = "benchmarks/results", work_dir: Union[s
         summary = train(cfg, run, resume="auto", progress=progress)
         report["train"][v] = dict(run=str(run), step=summary["step"], seconds=time.perf_counter() - t0,
                                   losses=summary["losses"], overrides=ABLATION_VARIANTS[v])
-        report["variants"][v] = evaluate(run, "synthetic", n_scenes=eval_scenes, yaw_offsets=yaw_offsets,
-                                         pitch_offsets=pitch_offsets, sigma_scales=sigma_scales, out=run,
-                                         device=device, progress=progress, **eval_kw)
+        kw = dict(n_scenes=eval_scenes, yaw_offsets=yaw_offsets, pitch_offsets=pitch_offsets,
+                  sigma_scales=sigma_scales, **eval_kw)
+        old = _reusable_eval(run, kw)
+        report["variants"][v] = old if old is not None else evaluate(run, "synthetic", out=run, device=device,
+                                                                     progress=progress, **kw)
     _atomic_json(report, out_dir / f"{name}.json")
     tmp = out_dir / f".{name}.md.tmp"
     tmp.write_text(ablation_markdown(report))
     tmp.replace(out_dir / f"{name}.md")
     plot_ablation(report, out_dir / f"{name}.png")
     return report
+
+
+def _reusable_eval(run: Path, kw: Dict) -> Optional[Dict]:
+    """run/eval.json when it is newer than the run's last checkpoint and was made with the same
+    evaluation arguments (so a rerun of a finished ablation only rebuilds the report), else None."""
+    ev, ck = run / "eval.json", run / "checkpoints" / "last.pt"
+    if not (ev.is_file() and ck.is_file() and ev.stat().st_mtime > ck.stat().st_mtime):
+        return None
+    try:
+        old = json.loads(ev.read_text())
+    except ValueError:
+        return None
+    import inspect
+    full = {k: p.default for k, p in inspect.signature(evaluate).parameters.items()
+            if p.default is not inspect.Parameter.empty and k not in ("data", "out", "device", "progress")}
+    full.update(kw)
+    return old if old.get("meta", {}).get("eval_args") == json.loads(json.dumps(full, default=str)) else None
 
 
 def ablation_markdown(report: Dict) -> str:

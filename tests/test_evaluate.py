@@ -148,6 +148,14 @@ def test_ablation_micro_budget_writes_both_models_and_reports(tmp_path):
     assert "| depth accuracy canonical" in md and "kernel | no_kernel" in md and "Sigma scaling" in md
     assert (out / "fidelity_test.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert rep["variants"]["kernel"]["metrics"] == j["variants"]["kernel"]["metrics"]
+    # a rerun reuses the finished runs and their evaluations: nothing is retrained or re-evaluated
+    stamp = (tmp_path / "work" / "runs" / "kernel" / "eval.json").stat().st_mtime_ns
+    rep2 = ablation(tmp_path / "results", tmp_path / "work", steps=2, scenes=2, batch=1, preset_name="tiny",
+                    eval_scenes=1, yaw_offsets=(0.0, 0.3), pitch_offsets=(0.0,), sigma_scales=(1, 10),
+                    geometry_resolution=16, n_points=300, progress=False, name="fidelity_test",
+                    metrics=("psnr", "depth", "nfs", "depth_accuracy", "geometry", "sigma_scaling"))
+    assert (tmp_path / "work" / "runs" / "kernel" / "eval.json").stat().st_mtime_ns == stamp
+    assert rep2["variants"]["no_kernel"]["metrics"] == rep["variants"]["no_kernel"]["metrics"]
 
 
 def test_bad_input(tiny_run):
