@@ -506,6 +506,7 @@ def machine_info() -> Dict[str, str]:
                                 cwd=Path(__file__).parent, timeout=10).stdout.strip()
     except Exception:
         commit = ""
+    commit = commit or os.environ.get("G3DR_COMMIT", "")  # a copy outside git says where it came from
     cpu = platform.processor() or platform.machine()
     try:
         for line in open("/proc/cpuinfo"):
