@@ -616,7 +616,8 @@ def ablation(out_dir: Union[str, Path] = "benchmarks/results", work_dir: Union[s
     from .train import train
     bad = [v for v in variants if v not in ABLATION_VARIANTS]
     if bad or not variants:
-        raise ValueError(f"unknown ablation variants {bad or list(variants)}; choose from {', '.join(ABLATION_VARIANTS)}")
+        raise ValueError(f"unknown ablation variants {bad or list(variants)}; choose from "
+                         f"{', '.join(ABLATION_VARIANTS)}")
     out_dir, work = Path(out_dir), Path(work_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     notes: Dict[str, str] = {}
@@ -667,7 +668,7 @@ def ablation_markdown(report: Dict) -> str:
     """The ablation report as Markdown: setup, metrics per model (best marked), sigma scaling."""
     m, vs = report["meta"], report["variants"]
     names = list(vs)
-    lines = [f"# Depth-kernel ablation (fidelity benchmark)", "",
+    lines = ["# Depth-kernel ablation (fidelity benchmark)", "",
              f"{m['preset']} preset, {m['steps']} steps x batch {m['batch']} on {m['scenes']} synthetic training "
              f"scenes, seed {m['seed']}, lr {m['lr']}; evaluated on {m['eval_scenes']} held-out scenes. "
              f"Machine: {m['machine']}; torch {m['torch']}; commit {m['commit']}; {m['date']}.", "",
