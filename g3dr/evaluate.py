@@ -682,7 +682,8 @@ def ablation_markdown(report: Dict) -> str:
         if all(v is None for v in vals):
             continue
         ok = [(v, n) for v, n in zip(vals, names) if v is not None and not math.isnan(v)]
-        best = (max(ok) if higher else min(ok))[1] if len(ok) > 1 else ""
+        best = "" if len(ok) < 2 else "tie" if len({v for v, _ in ok}) == 1 else \
+            (max(ok) if higher else min(ok))[1]
         lines.append(f"| {label} {'(higher better)' if higher else '(lower better)'} | "
                      + " | ".join(_fmt(v) for v in vals) + f" | {best} |")
     ss_keys = [("psnr", "PSNR novel"), ("depth_abs_mean", "depth abs err mean"),
