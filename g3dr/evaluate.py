@@ -713,7 +713,11 @@ def ablation_markdown(report: Dict) -> str:
 
 def plot_ablation(report: Dict, path: Union[str, Path]) -> Path:
     """Metrics vs yaw offset (pitch 0 views) and vs sigma scale, one line per model (matplotlib, Agg)."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise ImportError(f"the ablation plot needs matplotlib: pip install 'g3dr[bench]' ({e}); the .json and .md "
+                          f"reports are written already") from e
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     vs = report["variants"]
