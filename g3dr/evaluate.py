@@ -12,7 +12,7 @@ them from a grid of yaw/pitch offsets (radians, around G3DR's canonical camera y
 - a folder (official layout, `name.jpg` + `name_depth.png`): what needs no ground truth: NFS,
   depth accuracy of the canonical render vs the input depth, FID/KID/IS vs the input images.
 - sigma scaling (the paper's Table S1): every metric again with the density multiplied by each s
-  (`G3DR.render(sigma_scale=s)`, exact; the occupancy and mesh use density x s > iso).
+  (`G3DR.render(sigma_scale=s)`, exact; the occupancy and mesh use density x s > iso); FID/KID/IS at s = 1 only.
 
 NFS clamps depth maps to the canonical ray bounds [radius - box_warp/2, radius + box_warp/2]
 (= [4, 6], G3DR's depth range, for radius 5 and box_warp 2) and uses 64 bins (3DGP).
