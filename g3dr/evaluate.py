@@ -632,8 +632,9 @@ def ablation(out_dir: Union[str, Path] = "benchmarks/results", work_dir: Union[s
         run = work / "runs" / v
         t0 = time.perf_counter()
         summary = train(cfg, run, resume="auto", progress=progress)
-        report["train"][v] = dict(run=str(run), step=summary["step"], seconds=time.perf_counter() - t0,
-                                  losses=summary["losses"], overrides=ABLATION_VARIANTS[v])
+        report["train"][v] = dict(run=str(run), step=summary["step"], seconds=_train_seconds(run, batch),
+                                  call_seconds=time.perf_counter() - t0, losses=summary["losses"],
+                                  overrides=ABLATION_VARIANTS[v])
         kw = dict(n_scenes=eval_scenes, yaw_offsets=yaw_offsets, pitch_offsets=pitch_offsets,
                   sigma_scales=sigma_scales, **eval_kw)
         old = _reusable_eval(run, kw)
@@ -645,6 +646,14 @@ def ablation(out_dir: Union[str, Path] = "benchmarks/results", work_dir: Union[s
     tmp.replace(out_dir / f"{name}.md")
     plot_ablation(report, out_dir / f"{name}.png")
     return report
+
+
+def _train_seconds(run: Path, batch: int) -> float:
+    """Training time of a run from its stats.jsonl (log_every=1: batch / img_per_s per step), so a
+    reused finished run still reports how long it took."""
+    stats = run / "stats.jsonl"
+    rows = [json.loads(line) for line in stats.read_text().splitlines() if line.strip()] if stats.is_file() else []
+    return float(sum(batch / r["img_per_s"] for r in rows if r.get("img_per_s", 0) > 0))
 
 
 def _reusable_eval(run: Path, kw: Dict) -> Optional[Dict]:
