@@ -174,3 +174,23 @@ def test_bad_input(tiny_run):
         ablation("/nonexistent", "/nonexistent", variants=("kernel", "warp"))
     with pytest.raises(ValueError, match="steps"):
         ablation("/tmp", "/tmp", steps=0)
+
+
+def test_eval_cli_writes_eval_json(tmp_path, capsys):
+    import json
+    import warnings
+
+    from g3dr.cli import main
+    from g3dr.config import apply_overrides, preset
+    from g3dr.train import train
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train(apply_overrides(preset("tiny"), ["train.steps=1"]), tmp_path / "run", progress=False)
+    main(["eval", "--ckpt", str(tmp_path / "run"), "--metrics", "psnr,depth,nfs,sigma_scaling", "--scenes", "1",
+          "--sigma-scales", "1,5", "--out", str(tmp_path / "ev"), "--device", "cpu"])
+    res = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert {"psnr", "depth_abs_mean", "nfs_canonical"} <= set(res["metrics"]) and set(res["sigma_scaling"]) >= {"1", "5"}
+    assert "psnr" in capsys.readouterr().out
+    import pytest
+    with pytest.raises(SystemExit):
+        main(["eval", "--data", "synthetic"])  # no --ckpt
