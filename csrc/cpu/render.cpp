@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "g3dr/render_math.h"
+#include "taps.h"
 #include "tile_gemm.h"
 
 namespace g3dr {
@@ -215,10 +216,11 @@ Args<scalar_t> make_args(const Dims& d, const std::vector<at::Tensor>& cl, const
 
 // ---- tiles of samples ----------------------------------------------------------------------------
 // Both passes run the decoder over a tile of whole rays (about kTileSamples samples) at a time: the
-// shared header math gathers each sample's features and composites each ray, and the decoder's
-// layers and their backward are small matrix products over the tile (tile_gemm.h), so every weight
-// row is read once per block of samples instead of once per sample, and the weight gradients
-// are accumulated in registers across the tile instead of as one rank-1 update per sample.
+// shared header math composites each ray, taps.h gathers each sample's features (and scatters their
+// gradients) with the bilinear taps computed once per point and the channel sums in registers, and
+// the decoder's layers and their backward are small matrix products over the tile (tile_gemm.h), so
+// every weight row is read once per block of samples instead of once per sample, and the weight
+// gradients are accumulated in registers across the tile instead of as one rank-1 update per sample.
 constexpr int64_t kTileSamples = 256;
 
 inline int64_t rays_per_tile(int64_t S) { return std::max<int64_t>(1, kTileSamples / std::max<int64_t>(S, 1)); }
@@ -226,18 +228,19 @@ inline int64_t rays_per_tile(int64_t S) { return std::max<int64_t>(1, kTileSampl
 // Per-thread buffers of one tile of n = rays * S samples, all in the accumulation type, row-major:
 // u [n,3] points, f [n,C] features, a [n,Hd] pre-activation (reused for dL/da in the backward),
 // h, dh [n,Hd] softplus and softplus', o [n,O] raw outputs; backward only: go [n,O] dL/do,
-// gf [n,C] dL/df, gat [Hd,n] and got [O,n] transposes for the weight gradients, active [n].
+// gf [n,C] dL/df, active [n] (whether the sample's dL/do is non-zero).
 template <typename acc_t>
 struct Tile {
   int64_t cap, C, Hd, O;
   std::vector<acc_t> mem;
   std::vector<char> active;
-  acc_t *u, *f, *a, *h, *dh, *o, *go, *gf, *gat, *got;
+  std::vector<tile::PointTaps<acc_t>> taps;  // [n] in the backward (reused by the scatter), else [1]
+  acc_t *u, *f, *a, *h, *dh, *o, *go, *gf;
 
   Tile(int64_t rays, int64_t S, int64_t C_, int64_t Hd_, int64_t O_, bool grad)
       : cap(rays * S), C(C_), Hd(Hd_), O(O_) {
     const int64_t n = cap;
-    mem.assign(n * (3 + C + 3 * Hd + O) + (grad ? n * (O + C + Hd + O) : 0), acc_t(0));
+    mem.assign(n * (3 + C + 3 * Hd + O) + (grad ? n * (O + C) : 0), acc_t(0));
     acc_t* q = mem.data();
     auto take = [&](int64_t k) {
       acc_t* p = q;
@@ -252,9 +255,8 @@ struct Tile {
     o = take(O * n);
     go = grad ? take(O * n) : nullptr;
     gf = grad ? take(C * n) : nullptr;
-    gat = grad ? take(Hd * n) : nullptr;
-    got = grad ? take(O * n) : nullptr;
     if (grad) active.assign(n, 0);
+    taps.resize(grad ? n : 1);
   }
 };
 
@@ -286,10 +288,10 @@ void decode_tile(const Args<scalar_t>& c, int64_t ray0, int64_t nrays, Tile<at::
     const int64_t ray = ray0 + i / S;
     const acc_t z = static_cast<acc_t>(c.dz[ray * S + i % S]);
     sample_point(c.ro + ray * 3, c.rd + ray * 3, z, c.scale, t.u + 3 * i);
-    point_features(c.pv, ray / c.R, t.u + 3 * i, c.plane_axes, t.f + i * C);
+    tile::gather_point(c.pv, ray / c.R, t.u + 3 * i, c.plane_axes, t.taps[grad ? i : 0], t.f + i * C);
   }
   for (int64_t i = 0; i < n; ++i) std::copy(c.b1, c.b1 + Hd, t.a + i * Hd);
-  tile::gemm<acc_t>(n, static_cast<int>(C), static_cast<int>(Hd), t.f, C, c.w1t, Hd, t.a, Hd, true);
+  tile::gemm<acc_t>(n, static_cast<int>(C), static_cast<int>(Hd), t.f, C, 1, c.w1t, Hd, t.a, Hd, true);
   softplus_vec<acc_t>(t.a, t.h, grad ? t.dh : nullptr, static_cast<int>(n * Hd));
   for (int64_t i = 0; i < n; ++i)
     output_layer<acc_t>(t.h + i * Hd, static_cast<int>(Hd), c.w2, c.b2, static_cast<int>(O), t.o + i * O);
@@ -337,13 +339,6 @@ void fwd_rays(const Args<scalar_t>& c, int64_t begin, int64_t end) {
     }
   }
 }
-
-struct PlainAdd {
-  template <typename T>
-  inline void operator()(T* p, T v) const {
-    *p += v;
-  }
-};
 
 // ray_backward_scan's per-sample callback: keeps dL/do of sample s of the tile's ray r for the tile's
 // matrix products, and whether it is non-zero (a zero sample, e.g. on a ray that misses the box,
@@ -433,27 +428,19 @@ void bwd_chunks(const Chunks<scalar_t>& k, int64_t cbegin, int64_t cend) {
         std::fill(t.dh + i * Hd, t.dh + (i + 1) * Hd, acc_t(0));
       }
       acc_t* ga = t.a;  // a is not needed any more
-      tile::gemm<acc_t>(n, static_cast<int>(O), static_cast<int>(Hd), t.go, O, c.w2, Hd, ga, Hd, false);
+      tile::gemm<acc_t>(n, static_cast<int>(O), static_cast<int>(Hd), t.go, O, 1, c.w2, Hd, ga, Hd, false);
       for (int64_t q = 0; q < n * Hd; ++q) ga[q] *= t.dh[q];
-      tile::gemm<acc_t>(n, static_cast<int>(Hd), static_cast<int>(C), ga, Hd, c.w1, C, t.gf, C, false);
-      tile::transpose<acc_t>(n, static_cast<int>(Hd), ga, Hd, t.gat);
-      tile::transpose<acc_t>(n, static_cast<int>(O), t.go, O, t.got);
+      tile::gemm<acc_t>(n, static_cast<int>(Hd), static_cast<int>(C), ga, Hd, 1, c.w1, C, t.gf, C, false);
       std::fill(gdec.begin(), gdec.end(), acc_t(0));
-      tile::gemm<acc_t>(Hd, static_cast<int>(n), static_cast<int>(C), t.gat, n, t.f, C, gw1, C, true);
-      tile::gemm<acc_t>(O, static_cast<int>(n), static_cast<int>(Hd), t.got, n, t.h, Hd, gw2, Hd, true);
-      for (int64_t j = 0; j < Hd; ++j) {
-        acc_t sum = acc_t(0);
-        for (int64_t i = 0; i < n; ++i) sum += t.gat[j * n + i];
-        gb1[j] = sum;
-      }
-      for (int64_t m = 0; m < O; ++m) {
-        acc_t sum = acc_t(0);
-        for (int64_t i = 0; i < n; ++i) sum += t.got[m * n + i];
-        gb2[m] = sum;
+      tile::gemm<acc_t>(Hd, static_cast<int>(n), static_cast<int>(C), ga, 1, Hd, t.f, C, gw1, C, true);
+      tile::gemm<acc_t>(O, static_cast<int>(n), static_cast<int>(Hd), t.go, 1, O, t.h, Hd, gw2, Hd, true);
+      for (int64_t i = 0; i < n; ++i) {  // gb1 += column sums of ga, gb2 += those of go
+        for (int64_t j = 0; j < Hd; ++j) gb1[j] += ga[i * Hd + j];
+        for (int64_t m = 0; m < O; ++m) gb2[m] += t.go[i * O + m];
       }
       for (int64_t q = 0; q < nW; ++q) gdec_chunk[q] += static_cast<double>(gdec[q]);
       for (int64_t i = 0; i < n; ++i) {
-        if (t.active[i]) scatter_point_grad(gv, 0, t.u + 3 * i, c.plane_axes, t.gf + i * C, PlainAdd{});
+        if (t.active[i]) tile::scatter_point(gv, t.taps[i], t.gf + i * C);
       }
     }
   }

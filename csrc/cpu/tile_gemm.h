@@ -1,6 +1,7 @@
 // Small register-blocked matrix products for the CPU fused renderer (csrc/cpu/render.cpp), which runs
 // its decoder over tiles of a few hundred samples instead of one sample at a time:
-//   Y [n, M] (+)= X [n, K] @ W [K, M]      (all row-major, with row strides ldx, ldw, ldy)
+//   Y [n, M] (+)= X [n, K] @ W [K, M]      (W and Y row-major with row strides ldw, ldy; X element
+//                                           (r, k) at X[r * ldx + k * kx], so X may be a transpose)
 // n = tile samples (or hidden units for the weight gradients), K and M = C, hidden or 1 + D.
 // Loops are plain C++ (no BLAS call): deterministic (a fixed summation order, independent of
 // alignment and thread count), no per-call overhead, and compiled once per ISA with the kernel that
@@ -14,6 +15,12 @@
 #include <cstdint>
 #include <cstring>
 
+// The vector helpers below are always inlined into the per-ISA kernels; the ABI note GCC gives
+// for 64-byte vector returns in the baseline clone does not apply.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
 namespace g3dr {
 namespace render {
 namespace tile {
@@ -23,13 +30,13 @@ constexpr int kRows = 4;
 
 // Generic block: any nr <= kRows, any width.
 template <typename T>
-inline void block_scalar(int nr, int jb, int K, const T* X, int64_t ldx, const T* W, int64_t ldw, T* Y, int64_t ldy,
-                         bool accumulate) {
+inline void block_scalar(int nr, int jb, int K, const T* X, int64_t ldx, int64_t kx, const T* W, int64_t ldw, T* Y,
+                         int64_t ldy, bool accumulate) {
   for (int r = 0; r < nr; ++r) {
     T* y = Y + r * ldy;
     for (int j = 0; j < jb; ++j) {
       T acc = accumulate ? y[j] : T(0);
-      for (int k = 0; k < K; ++k) acc += X[r * ldx + k] * W[k * ldw + j];
+      for (int k = 0; k < K; ++k) acc += X[r * ldx + k * kx] * W[k * ldw + j];
       y[j] = acc;
     }
   }
@@ -46,19 +53,20 @@ struct Vec {
 constexpr int kVecs = 2;
 
 template <typename T>
-inline typename Vec<T>::type load(const T* p) {
+__attribute__((always_inline)) inline typename Vec<T>::type load(const T* p) {
   typename Vec<T>::type v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
 
 template <typename T>
-inline void store(T* p, typename Vec<T>::type v) {
+__attribute__((always_inline)) inline void store(T* p, typename Vec<T>::type v) {
   std::memcpy(p, &v, sizeof(v));
 }
 
 template <typename T>
-inline void block_vec(int K, const T* X, int64_t ldx, const T* W, int64_t ldw, T* Y, int64_t ldy, bool accumulate) {
+inline void block_vec(int K, const T* X, int64_t ldx, int64_t kx, const T* W, int64_t ldw, T* Y, int64_t ldy,
+                      bool accumulate) {
   using V = typename Vec<T>::type;
   constexpr int L = Vec<T>::lanes;
   V acc[kRows][kVecs];
@@ -69,7 +77,7 @@ inline void block_vec(int K, const T* X, int64_t ldx, const T* W, int64_t ldw, T
     V w[kVecs];
     for (int v = 0; v < kVecs; ++v) w[v] = load(W + k * ldw + v * L);
     for (int r = 0; r < kRows; ++r) {
-      const T x = X[r * ldx + k];
+      const T x = X[r * ldx + k * kx];
       for (int v = 0; v < kVecs; ++v) acc[r][v] += x * w[v];
     }
   }
@@ -79,10 +87,10 @@ inline void block_vec(int K, const T* X, int64_t ldx, const T* W, int64_t ldw, T
 }
 #endif
 
-// Y [n, M] = (accumulate ? Y : 0) + X [n, K] @ W [K, M].
+// Y [n, M] = (accumulate ? Y : 0) + X [n, K] @ W [K, M]; X (r, k) at X[r * ldx + k * kx].
 template <typename T>
-inline void gemm(int64_t n, int K, int M, const T* X, int64_t ldx, const T* W, int64_t ldw, T* Y, int64_t ldy,
-                 bool accumulate) {
+inline void gemm(int64_t n, int K, int M, const T* X, int64_t ldx, int64_t kx, const T* W, int64_t ldw, T* Y,
+                 int64_t ldy, bool accumulate) {
 #ifdef G3DR_TILE_VECTORS
   constexpr int JB = kVecs * Vec<T>::lanes;
 #else
@@ -96,20 +104,12 @@ inline void gemm(int64_t n, int K, int M, const T* X, int64_t ldx, const T* W, i
       const int jb = std::min(JB, M - j0);
 #ifdef G3DR_TILE_VECTORS
       if (nr == kRows && jb == JB) {
-        block_vec<T>(K, x, ldx, W + j0, ldw, y + j0, ldy, accumulate);
+        block_vec<T>(K, x, ldx, kx, W + j0, ldw, y + j0, ldy, accumulate);
         continue;
       }
 #endif
-      block_scalar<T>(nr, jb, K, x, ldx, W + j0, ldw, y + j0, ldy, accumulate);
+      block_scalar<T>(nr, jb, K, x, ldx, kx, W + j0, ldw, y + j0, ldy, accumulate);
     }
-  }
-}
-
-// dst [cols, rows] = src [rows, cols]^T (src row stride lds).
-template <typename T>
-inline void transpose(int64_t rows, int cols, const T* src, int64_t lds, T* dst) {
-  for (int64_t i = 0; i < rows; ++i) {
-    for (int j = 0; j < cols; ++j) dst[j * rows + i] = src[i * lds + j];
   }
 }
 
