@@ -304,9 +304,10 @@ void fwd_rays(const Args<scalar_t>& c, int64_t begin, int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t S = c.S, D = c.D, O = c.O, per = rays_per_tile(S);
   Tile<acc_t> t(std::min(per, end - begin), S, c.C, c.Hd, O, false);
-  std::vector<acc_t> rgb(2 * D);
+  std::vector<acc_t> rgb(3 * D);
   acc_t* acc_rgb = rgb.data();
-  acc_t* prev_rgb = acc_rgb + D;
+  acc_t* prev_rgb = acc_rgb + D;  // the previous and current samples' colours (swapped per sample)
+  acc_t* cur_rgb = prev_rgb + D;
   for (int64_t ray0 = begin; ray0 < end; ray0 += per) {
     const int64_t nrays = std::min(per, end - ray0);
     decode_tile(c, ray0, nrays, t, false);
@@ -318,17 +319,18 @@ void fwd_rays(const Args<scalar_t>& c, int64_t begin, int64_t end) {
       for (int64_t s = 0; s < S; ++s) {
         const acc_t* o = t.o + (r * S + s) * O;
         const acc_t zs = static_cast<acc_t>(z[s]), sigma = o[0];
+        for (int64_t k = 0; k < D; ++k) cur_rgb[k] = rgb_activation(o[1 + k]);
         if (s > 0) {
           const composite::Interval<acc_t> iv =
               composite::interval<acc_t>(acc_t(0.5) * (prev_sigma + sigma), zs - prev_z, c.prm.density_bias);
           const acc_t w = iv.alpha * T;
-          for (int64_t k = 0; k < D; ++k) acc_rgb[k] += w * (acc_t(0.5) * (prev_rgb[k] + rgb_activation(o[1 + k])));
+          for (int64_t k = 0; k < D; ++k) acc_rgb[k] += w * (acc_t(0.5) * (prev_rgb[k] + cur_rgb[k]));
           opacity += w;
           wt += w * (acc_t(0.5) * (prev_z + zs));
           if (c.out_w != nullptr) c.out_w[ray * (S - 1) + s - 1] = static_cast<scalar_t>(w);
           T *= iv.trans;
         }
-        for (int64_t k = 0; k < D; ++k) prev_rgb[k] = rgb_activation(o[1 + k]);
+        std::swap(prev_rgb, cur_rgb);
         prev_sigma = sigma;
         prev_z = zs;
       }
