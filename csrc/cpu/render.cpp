@@ -2,12 +2,14 @@
 // schemas and the CPU kernels. Contract: g3dr_kernels/ops/render.py. The per-sample math and the
 // per-ray loops live in csrc/include/g3dr/render_math.h (with sample_math.h and composite_math.h),
 // shared with csrc/cuda/render.cu; this file checks arguments, lays the planes out channels-last and
-// runs chunks of rays per thread with at::parallel_for.
+// runs chunks of rays per thread with at::parallel_for. On the CPU the decoder runs over tiles of
+// whole rays (~256 samples): taps.h gathers and scatters, tile_gemm.h's small matrix products for the
+// decoder and its backward, the shared per-ray compositing in between (see "tiles of samples" below).
 //
-// Memory: nothing of size B x R x S is ever allocated. The forward writes per-ray outputs (and the
-// weights when asked); the backward recomputes every sample once, streaming along each ray (see
-// render_math.h), and accumulates plane and decoder gradients in per-chunk buffers that are reduced in
-// a fixed order at the end (deterministic for a given thread count).
+// Memory: nothing of size B x R x S is ever allocated (per-thread tile buffers only). The forward writes
+// per-ray outputs (and the weights when asked); the backward recomputes every sample once, a tile at a
+// time, and accumulates plane and decoder gradients in per-chunk buffers that are reduced in a fixed
+// order at the end (deterministic for a given thread count).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -117,8 +119,8 @@ constexpr int64_t kMinRaysPerChunk = 64;
 // the split assumes this many threads whatever the real count: identical gradients for any count.
 constexpr int64_t kDeterministicThreads = 8;
 
-// The per-chunk loops are compiled twice on x86-64 (AVX2+FMA and baseline; the loader picks one), with
-// every call inside them inlined so the shared header math gets the wider vectors too.
+// The per-chunk loops are compiled three times on x86-64 (AVX-512, AVX2+FMA and baseline; the loader
+// picks one), with every call inside them inlined so the shared header math gets the wider vectors too.
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define G3DR_CPU_KERNEL __attribute__((flatten, target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #elif defined(__GNUC__) || defined(__clang__)
