@@ -2,12 +2,14 @@
 // schemas and the CPU kernels. Contract: g3dr_kernels/ops/render.py. The per-sample math and the
 // per-ray loops live in csrc/include/g3dr/render_math.h (with sample_math.h and composite_math.h),
 // shared with csrc/cuda/render.cu; this file checks arguments, lays the planes out channels-last and
-// runs chunks of rays per thread with at::parallel_for.
+// runs chunks of rays per thread with at::parallel_for. On the CPU the decoder runs over tiles of
+// whole rays (~256 samples): taps.h gathers and scatters, tile_gemm.h's small matrix products for the
+// decoder and its backward, the shared per-ray compositing in between (see "tiles of samples" below).
 //
-// Memory: nothing of size B x R x S is ever allocated. The forward writes per-ray outputs (and the
-// weights when asked); the backward recomputes every sample once, streaming along each ray (see
-// render_math.h), and accumulates plane and decoder gradients in per-chunk buffers that are reduced in
-// a fixed order at the end (deterministic for a given thread count).
+// Memory: nothing of size B x R x S is ever allocated (per-thread tile buffers only). The forward writes
+// per-ray outputs (and the weights when asked); the backward recomputes every sample once, a tile at a
+// time, and accumulates plane and decoder gradients in per-chunk buffers that are reduced in a fixed
+// order at the end (deterministic for a given thread count).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -21,6 +23,8 @@
 #include <vector>
 
 #include "g3dr/render_math.h"
+#include "taps.h"
+#include "tile_gemm.h"
 
 namespace g3dr {
 namespace render {
@@ -115,10 +119,10 @@ constexpr int64_t kMinRaysPerChunk = 64;
 // the split assumes this many threads whatever the real count: identical gradients for any count.
 constexpr int64_t kDeterministicThreads = 8;
 
-// The per-chunk loops are compiled twice on x86-64 (AVX2+FMA and baseline; the loader picks one), with
-// every call inside them inlined so the shared header math gets the wider vectors too.
+// The per-chunk loops are compiled three times on x86-64 (AVX-512, AVX2+FMA and baseline; the loader
+// picks one), with every call inside them inlined so the shared header math gets the wider vectors too.
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define G3DR_CPU_KERNEL __attribute__((flatten, target_clones("arch=x86-64-v3", "default")))
+#define G3DR_CPU_KERNEL __attribute__((flatten, target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #elif defined(__GNUC__) || defined(__clang__)
 #define G3DR_CPU_KERNEL __attribute__((flatten))
 #else
@@ -212,94 +216,163 @@ Args<scalar_t> make_args(const Dims& d, const std::vector<at::Tensor>& cl, const
   return c;
 }
 
-// Forward of rays [begin, end) (ray_forward_fused per ray, with this thread's scratch).
+// ---- tiles of samples ----------------------------------------------------------------------------
+// Both passes run the decoder over a tile of whole rays (about kTileSamples samples) at a time: the
+// shared header math composites each ray, taps.h gathers each sample's features (and scatters their
+// gradients) with the bilinear taps computed once per point and the channel sums in registers, and
+// the decoder's layers and their backward are small matrix products over the tile (tile_gemm.h), so
+// every weight row is read once per block of samples instead of once per sample, and the weight
+// gradients are accumulated in registers across the tile instead of as one rank-1 update per sample.
+constexpr int64_t kTileSamples = 256;
+
+inline int64_t rays_per_tile(int64_t S) { return std::max<int64_t>(1, kTileSamples / std::max<int64_t>(S, 1)); }
+
+// Per-thread buffers of one tile of n = rays * S samples, all in the accumulation type, row-major:
+// u [n,3] points, f [n,C] features, a [n,Hd] pre-activation (reused for dL/da in the backward),
+// h, dh [n,Hd] softplus and softplus', o [n,O] raw outputs; backward only: go [n,O] dL/do,
+// gf [n,C] dL/df, active [n] (whether the sample's dL/do is non-zero).
+template <typename acc_t>
+struct Tile {
+  int64_t cap, C, Hd, O;
+  std::vector<acc_t> mem;
+  std::vector<char> active;
+  std::vector<tile::PointTaps<acc_t>> taps;  // [n] in the backward (reused by the scatter), else [1]
+  acc_t *u, *f, *a, *h, *dh, *o, *go, *gf;
+
+  Tile(int64_t rays, int64_t S, int64_t C_, int64_t Hd_, int64_t O_, bool grad)
+      : cap(rays * S), C(C_), Hd(Hd_), O(O_) {
+    const int64_t n = cap;
+    mem.assign(n * (3 + C + 3 * Hd + O) + (grad ? n * (O + C) : 0), acc_t(0));
+    acc_t* q = mem.data();
+    auto take = [&](int64_t k) {
+      acc_t* p = q;
+      q += k;
+      return p;
+    };
+    u = take(3 * n);
+    f = take(C * n);
+    a = take(Hd * n);
+    h = take(Hd * n);
+    dh = take(Hd * n);
+    o = take(O * n);
+    go = grad ? take(O * n) : nullptr;
+    gf = grad ? take(C * n) : nullptr;
+    if (grad) active.assign(n, 0);
+    taps.resize(grad ? n : 1);
+  }
+};
+
+// o [O] = W2 h + b2 for one sample, w2 [O,Hd]: eight partial sums so the dot products vectorise
+// without reassociation flags (as mlp_forward in render_math.h).
+template <typename T>
+inline void output_layer(const T* __restrict__ h, int Hd, const T* __restrict__ w2, const T* __restrict__ b2, int O,
+                         T* __restrict__ o) {
+  for (int k = 0; k < O; ++k) {
+    const T* __restrict__ row = w2 + static_cast<int64_t>(k) * Hd;
+    T part[8] = {T(0), T(0), T(0), T(0), T(0), T(0), T(0), T(0)};
+    int j = 0;
+    for (; j + 8 <= Hd; j += 8) {
+      for (int l = 0; l < 8; ++l) part[l] += row[j + l] * h[j + l];
+    }
+    T acc = b2[k];
+    for (; j < Hd; ++j) acc += row[j] * h[j];
+    o[k] = acc + (((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7])));
+  }
+}
+
+// Points, features and decoder (a, h, o; dh when grad) of every sample of rays [ray0, ray0 + nrays).
+template <typename scalar_t>
+void decode_tile(const Args<scalar_t>& c, int64_t ray0, int64_t nrays, Tile<at::opmath_type<scalar_t>>& t,
+                 bool grad) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t S = c.S, C = c.C, Hd = c.Hd, O = c.O, n = nrays * S;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t ray = ray0 + i / S;
+    const acc_t z = static_cast<acc_t>(c.dz[ray * S + i % S]);
+    sample_point(c.ro + ray * 3, c.rd + ray * 3, z, c.scale, t.u + 3 * i);
+    tile::gather_point(c.pv, ray / c.R, t.u + 3 * i, c.plane_axes, t.taps[grad ? i : 0], t.f + i * C);
+  }
+  for (int64_t i = 0; i < n; ++i) std::copy(c.b1, c.b1 + Hd, t.a + i * Hd);
+  tile::gemm<acc_t>(n, static_cast<int>(C), static_cast<int>(Hd), t.f, C, 1, c.w1t, Hd, t.a, Hd, true);
+  softplus_vec<acc_t>(t.a, t.h, grad ? t.dh : nullptr, static_cast<int>(n * Hd));
+  for (int64_t i = 0; i < n; ++i)
+    output_layer<acc_t>(t.h + i * Hd, static_cast<int>(Hd), c.w2, c.b2, static_cast<int>(O), t.o + i * O);
+}
+
+// Forward of rays [begin, end): decode a tile, then composite each of its rays (the same interval
+// math and order as ray_forward_fused in render_math.h, reading the decoded samples).
 template <typename scalar_t>
 void fwd_rays(const Args<scalar_t>& c, int64_t begin, int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
-  std::vector<acc_t> scratch(c.C + 2 * c.Hd + c.O + 2 * c.D);
-  acc_t* f = scratch.data();
-  acc_t* a = f + c.C;
-  acc_t* h = a + c.Hd;
-  acc_t* o = h + c.Hd;
-  acc_t* acc_rgb = o + c.O;
-  for (int64_t ray = begin; ray < end; ++ray) ray_forward_fused(c, ray, f, a, h, o, acc_rgb, acc_rgb + c.D);
+  const int64_t S = c.S, D = c.D, O = c.O, per = rays_per_tile(S);
+  Tile<acc_t> t(std::min(per, end - begin), S, c.C, c.Hd, O, false);
+  std::vector<acc_t> rgb(3 * D);
+  acc_t* acc_rgb = rgb.data();
+  acc_t* prev_rgb = acc_rgb + D;  // the previous and current samples' colours (swapped per sample)
+  acc_t* cur_rgb = prev_rgb + D;
+  for (int64_t ray0 = begin; ray0 < end; ray0 += per) {
+    const int64_t nrays = std::min(per, end - ray0);
+    decode_tile(c, ray0, nrays, t, false);
+    for (int64_t r = 0; r < nrays; ++r) {
+      const int64_t ray = ray0 + r;
+      const scalar_t* z = c.dz + ray * S;
+      acc_t T = acc_t(1), opacity = acc_t(0), wt = acc_t(0), prev_sigma = acc_t(0), prev_z = acc_t(0);
+      for (int64_t k = 0; k < D; ++k) acc_rgb[k] = acc_t(0);
+      for (int64_t s = 0; s < S; ++s) {
+        const acc_t* o = t.o + (r * S + s) * O;
+        const acc_t zs = static_cast<acc_t>(z[s]), sigma = o[0];
+        for (int64_t k = 0; k < D; ++k) cur_rgb[k] = rgb_activation(o[1 + k]);
+        if (s > 0) {
+          const composite::Interval<acc_t> iv =
+              composite::interval<acc_t>(acc_t(0.5) * (prev_sigma + sigma), zs - prev_z, c.prm.density_bias);
+          const acc_t w = iv.alpha * T;
+          for (int64_t k = 0; k < D; ++k) acc_rgb[k] += w * (acc_t(0.5) * (prev_rgb[k] + cur_rgb[k]));
+          opacity += w;
+          wt += w * (acc_t(0.5) * (prev_z + zs));
+          if (c.out_w != nullptr) c.out_w[ray * (S - 1) + s - 1] = static_cast<scalar_t>(w);
+          T *= iv.trans;
+        }
+        std::swap(prev_rgb, cur_rgb);
+        prev_sigma = sigma;
+        prev_z = zs;
+      }
+      const acc_t bg = c.prm.white_bg ? acc_t(1) - opacity : acc_t(0);
+      for (int64_t k = 0; k < D; ++k) c.out_rgb[ray * D + k] = static_cast<scalar_t>(acc_rgb[k] + bg);
+      c.out_opacity[ray] = static_cast<scalar_t>(opacity);
+      c.out_depth[ray] = static_cast<scalar_t>(wt / (opacity + c.prm.eps));
+    }
+  }
 }
 
-struct PlainAdd {
-  template <typename T>
-  inline void operator()(T* p, T v) const {
-    *p += v;
-  }
-};
-
-// Per-thread buffers of the backward: two rotating sample states, the states of a whole ray (for rays
-// with a weights gradient; allocated on first use), ga [Hd], gf [C], go [O] and the current ray's
-// decoder gradient [nW] (gw1 [Hd,C], gb1 [Hd], gw2 [O,Hd], gb2 [O]).
+// ray_backward_scan's per-sample callback: keeps dL/do of sample s of the tile's ray r for the tile's
+// matrix products, and whether it is non-zero (a zero sample, e.g. on a ray that misses the box,
+// contributes nothing, not even 0 * NaN).
 template <typename acc_t>
-struct BwdScratch {
-  int64_t C, Hd, O;
-  std::vector<acc_t> mem;
-  SampleState<acc_t> st[2];
-  acc_t *ga, *gf, *go, *gdec;
-  std::vector<acc_t> ray_mem;
-  std::vector<SampleState<acc_t>> ray_st;
-
-  BwdScratch(int64_t C_, int64_t Hd_, int64_t O_, int64_t nW)
-      : C(C_), Hd(Hd_), O(O_), mem(2 * (C + 3 * Hd + O) + Hd + C + O + nW) {
-    acc_t* q = mem.data();
-    for (auto& x : st) q = place(x, q);
-    ga = q;
-    gf = ga + Hd;
-    go = gf + C;
-    gdec = go + O;
-  }
-  acc_t* place(SampleState<acc_t>& x, acc_t* q) const {
-    x.f = q;
-    x.a = x.f + C;
-    x.h = x.a + Hd;
-    x.dh = x.h + Hd;
-    x.o = x.dh + Hd;
-    return x.o + O;
-  }
-  SampleState<acc_t>* ray_states(int64_t S) {
-    if (static_cast<int64_t>(ray_st.size()) < S) {
-      ray_mem.assign(S * (C + 3 * Hd + O), acc_t(0));
-      ray_st.resize(S);
-      acc_t* q = ray_mem.data();
-      for (auto& x : ray_st) q = place(x, q);
-    }
-    return ray_st.data();
+struct KeepGrad {
+  Tile<acc_t>& t;
+  int64_t base;  // tile row of the ray's sample 0
+  void operator()(const SampleState<acc_t>& /*x*/, int64_t s, const acc_t* go, bool nonzero) {
+    const int64_t i = base + s;
+    std::copy(go, go + t.O, t.go + i * t.O);
+    t.active[i] = nonzero ? 1 : 0;
   }
 };
 
-// The CPU's per-sample backprop: decoder gradients into the thread's per-ray sums, feature gradients
-// into the chunk's plane-gradient buffer (private to this thread, so plain adds).
-template <typename scalar_t>
-struct CpuBackprop {
-  using acc_t = at::opmath_type<scalar_t>;
-  const Args<scalar_t>& c;
-  BwdScratch<acc_t>& w;
-  const PyramidView<acc_t>& gv;
-  void operator()(const SampleState<acc_t>& x, int64_t /*s*/, const acc_t* go, bool nonzero) {
-    if (!nonzero) return;  // e.g. rays that miss the box: nothing to add
-    const int C = static_cast<int>(c.C), Hd = static_cast<int>(c.Hd), O = static_cast<int>(c.O);
-    mlp_backward_input<acc_t>(C, c.w1, Hd, c.w2, O, x.dh, go, w.ga, w.gf);
-    acc_t* gw1 = w.gdec;
-    acc_t* gb1 = gw1 + c.Hd * c.C;
-    acc_t* gw2 = gb1 + c.Hd;
-    acc_t* gb2 = gw2 + c.O * c.Hd;
-    mlp_weight_grads<acc_t>(x.f, C, x.h, Hd, w.ga, go, O, gw1, gb1, gw2, gb2);
-    scatter_point_grad(gv, 0, x.u, c.plane_axes, w.gf, PlainAdd{});
-  }
-};
-
-// Backward of chunks [cbegin, cend).
+// Backward of chunks [cbegin, cend): per tile of rays, decode (the forward again), run each ray's
+// composite backward scan over the decoded samples (no further recompute), then the decoder backward
+// for the whole tile: ga = (go W2) * dh, gf = ga W1, gW1 += ga^T f, gW2 += go^T h, and scatter gf.
 template <typename scalar_t>
 void bwd_chunks(const Chunks<scalar_t>& k, int64_t cbegin, int64_t cend) {
   using acc_t = at::opmath_type<scalar_t>;
   const Args<scalar_t>& c = k.a;
-  const int64_t R = c.R, nW = k.nW;
-  BwdScratch<acc_t> w(c.C, c.Hd, c.O, nW);
+  const int64_t R = c.R, S = c.S, C = c.C, Hd = c.Hd, O = c.O, nW = k.nW, per = rays_per_tile(S);
+  Tile<acc_t> t(std::min(per, std::max<int64_t>(R, 1)), S, C, Hd, O, true);
+  std::vector<acc_t> gdec(nW), go(O);
+  acc_t* gw1 = gdec.data();
+  acc_t* gb1 = gw1 + Hd * C;
+  acc_t* gw2 = gb1 + Hd;
+  acc_t* gb2 = gw2 + O * Hd;
+  std::vector<SampleState<acc_t>> st(S);
   for (int64_t chunk = cbegin; chunk < cend; ++chunk) {
     const int64_t b = chunk / k.per_batch, part = chunk % k.per_batch;
     const int64_t r0 = R * part / k.per_batch, r1 = R * (part + 1) / k.per_batch;
@@ -313,22 +386,65 @@ void bwd_chunks(const Chunks<scalar_t>& k, int64_t cbegin, int64_t cend) {
       gv.batch_stride[l] = 0;  // the buffer holds batch element b only
     }
     double* gdec_chunk = k.gdec + chunk * nW;
-    CpuBackprop<scalar_t> backprop{c, w, gv};
-    for (int64_t ray = b * R + r0; ray < b * R + r1; ++ray) {
-      RayGrad<acc_t> rg = ray_grad_setup<scalar_t, acc_t>(
-          c.g_rgb + ray * c.D, static_cast<acc_t>(c.g_depth[ray]), static_cast<acc_t>(c.g_op[ray]),
-          c.s_rgb + ray * c.D, static_cast<acc_t>(c.s_depth[ray]), static_cast<acc_t>(c.s_op[ray]), c.D, c.prm);
-      // With a weights gradient, the whole ray is recomputed once into per-sample states (its
-      // sum_i w_i g_weights_i joins the total) and the scan reuses them; otherwise the scan
-      // recomputes each sample into two rotating states.
-      const scalar_t* gwr = ray_weights_grad(c, ray);
-      SampleState<acc_t>* states = gwr != nullptr ? w.ray_states(c.S) : w.st;
-      if (gwr != nullptr) rg.total += ray_weights_total(c, ray, b, states, true, gwr);
-      if (ray_backward_scan(c, ray, b, states, gwr != nullptr, gwr, rg, w.go, backprop)) {
-        for (int64_t i = 0; i < nW; ++i) {  // per-ray sums (S terms) flushed into the chunk's float64 sums
-          gdec_chunk[i] += static_cast<double>(w.gdec[i]);
-          w.gdec[i] = acc_t(0);
+    for (int64_t ray0 = b * R + r0; ray0 < b * R + r1; ray0 += per) {
+      const int64_t nrays = std::min(per, b * R + r1 - ray0), n = nrays * S;
+      decode_tile(c, ray0, nrays, t, true);
+      bool any = false;
+      for (int64_t r = 0; r < nrays; ++r) {
+        const int64_t ray = ray0 + r;
+        for (int64_t s = 0; s < S; ++s) {
+          const int64_t i = r * S + s;
+          SampleState<acc_t>& x = st[s];
+          x.f = t.f + i * C;
+          x.a = t.a + i * Hd;
+          x.h = t.h + i * Hd;
+          x.dh = t.dh + i * Hd;
+          x.o = t.o + i * O;
+          for (int m = 0; m < 3; ++m) x.u[m] = t.u[3 * i + m];
+          x.z = static_cast<acc_t>(c.dz[ray * S + s]);
+          x.sigma = x.o[0];
         }
+        RayGrad<acc_t> rg = ray_grad_setup<scalar_t, acc_t>(
+            c.g_rgb + ray * c.D, static_cast<acc_t>(c.g_depth[ray]), static_cast<acc_t>(c.g_op[ray]),
+            c.s_rgb + ray * c.D, static_cast<acc_t>(c.s_depth[ray]), static_cast<acc_t>(c.s_op[ray]), c.D, c.prm);
+        const scalar_t* gwr = ray_weights_grad(c, ray);
+        if (gwr != nullptr) {  // sum_i w_i g_weights_i (ray_weights_total on the decoded samples)
+          acc_t T = acc_t(1), total = acc_t(0);
+          for (int64_t s = 1; s < S; ++s) {
+            const composite::Interval<acc_t> iv = composite::interval<acc_t>(
+                acc_t(0.5) * (st[s - 1].sigma + st[s].sigma), st[s].z - st[s - 1].z, c.prm.density_bias);
+            total += iv.alpha * T * static_cast<acc_t>(gwr[s - 1]);
+            T *= iv.trans;
+          }
+          rg.total += total;
+        }
+        KeepGrad<acc_t> keep{t, r * S};
+        any = ray_backward_scan(c, ray, b, st.data(), true, gwr, rg, go.data(), keep) || any;
+      }
+      if (!any) continue;
+      // Inactive samples: zero rows everywhere the tile's products read them (their f, h or dh may be
+      // NaN for a non-finite point, and they must add nothing).
+      for (int64_t i = 0; i < n; ++i) {
+        if (t.active[i]) continue;
+        std::fill(t.go + i * O, t.go + (i + 1) * O, acc_t(0));
+        std::fill(t.f + i * C, t.f + (i + 1) * C, acc_t(0));
+        std::fill(t.h + i * Hd, t.h + (i + 1) * Hd, acc_t(0));
+        std::fill(t.dh + i * Hd, t.dh + (i + 1) * Hd, acc_t(0));
+      }
+      acc_t* ga = t.a;  // a is not needed any more
+      tile::gemm<acc_t>(n, static_cast<int>(O), static_cast<int>(Hd), t.go, O, 1, c.w2, Hd, ga, Hd, false);
+      for (int64_t q = 0; q < n * Hd; ++q) ga[q] *= t.dh[q];
+      tile::gemm<acc_t>(n, static_cast<int>(Hd), static_cast<int>(C), ga, Hd, 1, c.w1, C, t.gf, C, false);
+      std::fill(gdec.begin(), gdec.end(), acc_t(0));
+      tile::gemm<acc_t>(Hd, static_cast<int>(n), static_cast<int>(C), ga, 1, Hd, t.f, C, gw1, C, true);
+      tile::gemm<acc_t>(O, static_cast<int>(n), static_cast<int>(Hd), t.go, 1, O, t.h, Hd, gw2, Hd, true);
+      for (int64_t i = 0; i < n; ++i) {  // gb1 += column sums of ga, gb2 += those of go
+        for (int64_t j = 0; j < Hd; ++j) gb1[j] += ga[i * Hd + j];
+        for (int64_t m = 0; m < O; ++m) gb2[m] += t.go[i * O + m];
+      }
+      for (int64_t q = 0; q < nW; ++q) gdec_chunk[q] += static_cast<double>(gdec[q]);
+      for (int64_t i = 0; i < n; ++i) {
+        if (t.active[i]) tile::scatter_point(gv, t.taps[i], t.gf + i * C);
       }
     }
   }

@@ -1,0 +1,118 @@
+// Small register-blocked matrix products for the CPU fused renderer (csrc/cpu/render.cpp), which runs
+// its decoder over tiles of a few hundred samples instead of one sample at a time:
+//   Y [n, M] (+)= X [n, K] @ W [K, M]      (W and Y row-major with row strides ldw, ldy; X element
+//                                           (r, k) at X[r * ldx + k * kx], so X may be a transpose)
+// n = tile samples (or hidden units for the weight gradients), K and M = C, hidden or 1 + D.
+// Loops are plain C++ (no BLAS call): deterministic (a fixed summation order, independent of
+// alignment and thread count), no per-call overhead, and compiled once per ISA with the kernel that
+// inlines them (render.cpp's G3DR_CPU_KERNEL). With GCC/Clang the NR x JB accumulator block is a set
+// of generic vectors (vector_size 64 bytes: one AVX-512 register, two AVX2 registers), so it stays in
+// registers while K streams; each row of W is then loaded once per NR rows of X.
+// Summation order for every output: the initial value (0 or Y), then k = 0, 1, ..., K-1.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+// The vector helpers below are always inlined into the per-ISA kernels; the ABI note GCC gives
+// for 64-byte vector returns in the baseline clone does not apply.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
+namespace g3dr {
+namespace render {
+namespace tile {
+
+// Rows of X per register block.
+constexpr int kRows = 4;
+
+// Generic block: any nr <= kRows, any width.
+template <typename T>
+inline void block_scalar(int nr, int jb, int K, const T* X, int64_t ldx, int64_t kx, const T* W, int64_t ldw, T* Y,
+                         int64_t ldy, bool accumulate) {
+  for (int r = 0; r < nr; ++r) {
+    T* y = Y + r * ldy;
+    for (int j = 0; j < jb; ++j) {
+      T acc = accumulate ? y[j] : T(0);
+      for (int k = 0; k < K; ++k) acc += X[r * ldx + k * kx] * W[k * ldw + j];
+      y[j] = acc;
+    }
+  }
+}
+
+#if defined(__GNUC__) || defined(__clang__)
+#define G3DR_TILE_VECTORS 1
+// A kRows x (kVecs * lanes) block held in generic vectors.
+template <typename T>
+struct Vec {
+  typedef T type __attribute__((vector_size(64)));
+  static constexpr int lanes = 64 / sizeof(T);
+};
+constexpr int kVecs = 2;
+
+template <typename T>
+__attribute__((always_inline)) inline typename Vec<T>::type load(const T* p) {
+  typename Vec<T>::type v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename T>
+__attribute__((always_inline)) inline void store(T* p, typename Vec<T>::type v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+template <typename T>
+inline void block_vec(int K, const T* X, int64_t ldx, int64_t kx, const T* W, int64_t ldw, T* Y, int64_t ldy,
+                      bool accumulate) {
+  using V = typename Vec<T>::type;
+  constexpr int L = Vec<T>::lanes;
+  V acc[kRows][kVecs];
+  for (int r = 0; r < kRows; ++r) {
+    for (int v = 0; v < kVecs; ++v) acc[r][v] = accumulate ? load(Y + r * ldy + v * L) : V{};
+  }
+  for (int k = 0; k < K; ++k) {
+    V w[kVecs];
+    for (int v = 0; v < kVecs; ++v) w[v] = load(W + k * ldw + v * L);
+    for (int r = 0; r < kRows; ++r) {
+      const T x = X[r * ldx + k * kx];
+      for (int v = 0; v < kVecs; ++v) acc[r][v] += x * w[v];
+    }
+  }
+  for (int r = 0; r < kRows; ++r) {
+    for (int v = 0; v < kVecs; ++v) store(Y + r * ldy + v * L, acc[r][v]);
+  }
+}
+#endif
+
+// Y [n, M] = (accumulate ? Y : 0) + X [n, K] @ W [K, M]; X (r, k) at X[r * ldx + k * kx].
+template <typename T>
+inline void gemm(int64_t n, int K, int M, const T* X, int64_t ldx, int64_t kx, const T* W, int64_t ldw, T* Y,
+                 int64_t ldy, bool accumulate) {
+#ifdef G3DR_TILE_VECTORS
+  constexpr int JB = kVecs * Vec<T>::lanes;
+#else
+  constexpr int JB = 16;
+#endif
+  for (int64_t i = 0; i < n; i += kRows) {
+    const int nr = static_cast<int>(std::min<int64_t>(kRows, n - i));
+    const T* x = X + i * ldx;
+    T* y = Y + i * ldy;
+    for (int j0 = 0; j0 < M; j0 += JB) {
+      const int jb = std::min(JB, M - j0);
+#ifdef G3DR_TILE_VECTORS
+      if (nr == kRows && jb == JB) {
+        block_vec<T>(K, x, ldx, kx, W + j0, ldw, y + j0, ldy, accumulate);
+        continue;
+      }
+#endif
+      block_scalar<T>(nr, jb, K, x, ldx, kx, W + j0, ldw, y + j0, ldy, accumulate);
+    }
+  }
+}
+
+}  // namespace tile
+}  // namespace render
+}  // namespace g3dr
