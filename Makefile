@@ -32,7 +32,10 @@ test: setup cmake-check
 
 bench: setup
 	$(PIP) install -q matplotlib
-	$(PY) -m pytest benchmarks -q --benchmark-only
+	$(PY) -m pytest benchmarks/bench_sample.py benchmarks/bench_composite.py benchmarks/bench_render.py -q \
+	  --benchmark-only -o python_files='bench_*.py'
+	PYTHONPATH=$(CURDIR) $(PY) benchmarks/bench_train.py --preset small --batch 4
+	PYTHONPATH=$(CURDIR) $(PY) benchmarks/bench_infer.py
 	$(PY) benchmarks/plot.py
 
 # Builds the extension a second way, through CMakeLists.txt, so that file cannot rot.
