@@ -729,7 +729,7 @@ def plot_ablation(report: Dict, path: Union[str, Path]) -> Path:
     try:
         import matplotlib
     except ImportError as e:
-        raise ImportError(f"the ablation plot needs matplotlib: pip install 'g3dr[bench]' ({e}); the .json and .md "
+        raise ImportError(f"the ablation plot needs matplotlib: pip install 'g3dr[eval]' ({e}); the .json and .md "
                           f"reports are written already") from e
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
