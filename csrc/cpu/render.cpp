@@ -262,24 +262,6 @@ struct Tile {
   }
 };
 
-// o [O] = W2 h + b2 for one sample, w2 [O,Hd]: eight partial sums so the dot products vectorise
-// without reassociation flags (as mlp_forward in render_math.h).
-template <typename T>
-inline void output_layer(const T* __restrict__ h, int Hd, const T* __restrict__ w2, const T* __restrict__ b2, int O,
-                         T* __restrict__ o) {
-  for (int k = 0; k < O; ++k) {
-    const T* __restrict__ row = w2 + static_cast<int64_t>(k) * Hd;
-    T part[8] = {T(0), T(0), T(0), T(0), T(0), T(0), T(0), T(0)};
-    int j = 0;
-    for (; j + 8 <= Hd; j += 8) {
-      for (int l = 0; l < 8; ++l) part[l] += row[j + l] * h[j + l];
-    }
-    T acc = b2[k];
-    for (; j < Hd; ++j) acc += row[j] * h[j];
-    o[k] = acc + (((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7])));
-  }
-}
-
 // Points, features and decoder (a, h, o; dh when grad) of every sample of rays [ray0, ray0 + nrays).
 template <typename scalar_t>
 void decode_tile(const Args<scalar_t>& c, int64_t ray0, int64_t nrays, Tile<at::opmath_type<scalar_t>>& t,

@@ -207,6 +207,24 @@ G3DR_HD void softplus_vec(const T* __restrict__ a, T* __restrict__ h, T* __restr
   }
 }
 
+// o [O] = W2 h + b2 for one sample, w2 [O, Hd]. Eight partial sums per output so the dot products
+// vectorise without reassociation flags.
+template <typename T>
+G3DR_HD void output_layer(const T* __restrict__ h, int Hd, const T* __restrict__ w2, const T* __restrict__ b2,
+                          int O, T* __restrict__ o) {
+  for (int k = 0; k < O; ++k) {
+    const T* __restrict__ row = w2 + static_cast<int64_t>(k) * Hd;
+    T part[8] = {T(0), T(0), T(0), T(0), T(0), T(0), T(0), T(0)};
+    int j = 0;
+    for (; j + 8 <= Hd; j += 8) {
+      for (int l = 0; l < 8; ++l) part[l] += row[j + l] * h[j + l];
+    }
+    T acc = b2[k];
+    for (; j < Hd; ++j) acc += row[j] * h[j];
+    o[k] = acc + (((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7])));
+  }
+}
+
 // Decoder forward for one sample. w1t is W1 transposed ([C, Hd], so the loop over hidden units is
 // contiguous), w2 [O, Hd] (O = 1 + D). Writes h = softplus(W1 f + b1) [Hd] and o [O], using `a`
 // [Hd] as scratch; with dh not null also dh = softplus'(W1 f + b1) [Hd] for the backward. Callers
@@ -222,18 +240,7 @@ G3DR_HD void mlp_forward(const T* __restrict__ f, int C, const T* __restrict__ w
     for (int j = 0; j < Hd; ++j) a[j] += fc * row[j];
   }
   softplus_vec(a, h, dh, Hd);
-  for (int k = 0; k < O; ++k) {
-    const T* __restrict__ row = w2 + static_cast<int64_t>(k) * Hd;
-    // Eight partial sums so the dot product vectorises without reassociation flags.
-    T part[8] = {T(0), T(0), T(0), T(0), T(0), T(0), T(0), T(0)};
-    int j = 0;
-    for (; j + 8 <= Hd; j += 8) {
-      for (int l = 0; l < 8; ++l) part[l] += row[j + l] * h[j + l];
-    }
-    T acc = b2[k];
-    for (; j < Hd; ++j) acc += row[j] * h[j];
-    o[k] = acc + (((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7])));
-  }
+  output_layer(h, Hd, w2, b2, O, o);
 }
 
 template <typename T>
