@@ -88,14 +88,10 @@ def print_timings(device: torch.device, rows: List[Dict], bench_res: int, sample
 
 def _strip(views: Dict[str, torch.Tensor], n: int) -> np.ndarray:
     """Colour row over colourised-depth row, n views evenly taken."""
-    from .export import apply_colormap
+    from .infer import colour_depth_frames
     idx = torch.linspace(0, views["rgb"].shape[0] - 1, n).round().long()
     rgb = views["rgb"][idx].clamp(0, 1).permute(0, 2, 3, 1).cpu()
-    dep, valid = views["depth"][idx, 0].cpu(), views["opacity"][idx, 0].cpu() > 0.5
-    v = dep[valid] if valid.any() else dep.flatten()
-    lo, hi = torch.quantile(v, 0.02).item(), torch.quantile(v, 0.98).item()
-    col = torch.from_numpy(apply_colormap((1 - (dep - lo) / max(hi - lo, 1e-3)).clamp(0, 1).numpy(), "turbo"))
-    col = col.float() * valid[..., None]
+    col = colour_depth_frames(views["depth"][idx, 0].cpu(), views["opacity"][idx, 0].cpu() > 0.5).float() / 255
     top, bottom = torch.cat(list(rgb), 1), torch.cat(list(col), 1)
     return (torch.cat([top, bottom], 0).numpy() * 255).round().astype(np.uint8)
 

@@ -486,9 +486,11 @@ def apply_colormap(t: np.ndarray, cmap: str = "turbo", use_matplotlib: Optional[
 
 def colorize_depth(depth: Tensor, mask: Optional[Tensor] = None, percentiles: Tuple[float, float] = (2, 98),
                    cmap: str = "turbo", near_high: bool = True, background: Tuple[int, int, int] = (0, 0, 0),
-                   use_matplotlib: Optional[bool] = None) -> np.ndarray:
+                   use_matplotlib: Optional[bool] = None,
+                   value_range: Optional[Tuple[float, float]] = None) -> np.ndarray:
     """Depth [H,W] -> uint8 [H,W,3] through a perceptual colour map over a robust range: the
-    `percentiles` (in %) of the valid pixels (mask True and finite) map to the ends of the map, values
+    `percentiles` (in %) of the valid pixels (mask True and finite), or `value_range` (lo, hi) when
+    given (one range for every frame of a video: no flicker), map to the ends of the map, values
     beyond are clamped. near_high: nearer pixels take the high end (turbo red, viridis yellow).
     Invalid pixels get `background`."""
     if not isinstance(depth, Tensor) or depth.dim() != 2:
@@ -507,7 +509,7 @@ def colorize_depth(depth: Tensor, mask: Optional[Tensor] = None, percentiles: Tu
     if not valid.any():
         return out
     v = d[valid].numpy()
-    lo, hi = np.percentile(v, [lo_p, hi_p])
+    lo, hi = np.percentile(v, [lo_p, hi_p]) if value_range is None else value_range
     t = np.full(v.shape, 0.5) if hi <= lo else (v - lo) / (hi - lo)
     if near_high:
         t = 1 - t

@@ -108,15 +108,11 @@ def write_views(views: Dict[str, torch.Tensor], out: Path, fps: float = 12.0, fr
     from PIL import Image
 
     from .depthio import write_depth_png
-    from .export import apply_colormap, write_video
+    from .export import write_video
     out.mkdir(parents=True, exist_ok=True)
     rgb = (views["rgb"].clamp(0, 1).permute(0, 2, 3, 1).cpu() * 255).round().to(torch.uint8)
-    depth, opac = views["depth"][:, 0].cpu(), views["opacity"][:, 0].cpu()
-    valid = opac > 0.5
-    lo, hi = _robust_range(depth[valid] if valid.any() else depth.flatten())  # one range for every frame
-    t = (1 - (depth - lo) / (hi - lo)).clamp(0, 1)  # near = the warm end of the map
-    cols = torch.from_numpy(apply_colormap(t.numpy(), "turbo") * 255).round().to(torch.uint8)
-    cols = cols * valid[..., None]  # empty pixels black
+    depth = views["depth"][:, 0].cpu()
+    cols = colour_depth_frames(depth, views["opacity"][:, 0].cpu() > 0.5)
     if frames:
         for sub in ("rgb", "depth_color", "depth16"):
             (out / sub).mkdir(exist_ok=True)
@@ -127,6 +123,14 @@ def write_views(views: Dict[str, torch.Tensor], out: Path, fps: float = 12.0, fr
     both = torch.cat([rgb, cols], 2)
     paths = {"mp4": write_video(both, out / "video.mp4", fps=fps), "gif": write_video(both, out / "video.gif", fps=fps)}
     return paths
+
+
+def colour_depth_frames(depth: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """depth [N,H,W], valid [N,H,W] bool (e.g. opacity > 0.5) -> uint8 [N,H,W,3]: turbo, near warm, one
+    robust 2-98 percentile range over every frame (no flicker), empty pixels black."""
+    from .export import colorize_depth
+    rng = _robust_range(depth[valid] if valid.any() else depth.flatten())
+    return torch.stack([torch.from_numpy(colorize_depth(d, mask=m, value_range=rng)) for d, m in zip(depth, valid)])
 
 
 def _robust_range(values: torch.Tensor) -> Tuple[float, float]:

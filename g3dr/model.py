@@ -309,10 +309,6 @@ class G3DR(nn.Module):
                 for k, v in cat.items()}
 
 
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
 # ---------------------------------------------------------------------------------------------
 # Official checkpoints (preddy5/G3DR `checkpoint_generic.pt`)
 # ---------------------------------------------------------------------------------------------

@@ -113,3 +113,17 @@ def test_bad_input_is_a_clear_error(run, picture, tmp_path, capsys, case):
     assert e.value.code == 2
     assert expect in capsys.readouterr().err
     assert not (tmp_path / "o" / "pic" / "video.mp4").exists() and not (tmp_path / "m.glb").exists()
+
+
+def test_depth_frames_share_one_colour_range():
+    from g3dr.infer import colour_depth_frames
+    a = torch.linspace(4.0, 6.0, 64).reshape(8, 8)
+    b = torch.full((8, 8), 5.0)  # a frame with no spread: per-frame ranges would paint it mid-map anyway
+    b[0, 0] = 4.0
+    valid = torch.ones(2, 8, 8, dtype=torch.bool)
+    valid[1, 7, 7] = False
+    cols = colour_depth_frames(torch.stack([a, b]), valid)
+    assert cols.shape == (2, 8, 8, 3) and cols.dtype == torch.uint8
+    assert torch.equal(cols[0, 0, 0], cols[1, 0, 0])  # depth 4 -> the same colour in both frames
+    assert not torch.equal(cols[1, 0, 0], cols[1, 0, 1])  # 4 (near) and 5 differ within a frame
+    assert cols[1, 7, 7].sum() == 0  # empty pixel black
