@@ -47,26 +47,38 @@ def _resize(x: torch.Tensor, size: int, mode: str) -> torch.Tensor:
     return F.interpolate(x[None], size=(size, size), mode=mode, antialias=True, align_corners=False)[0]
 
 
-def load_pair(image_path: Path, depth_path: Path, size: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """-> image [3,size,size] in [0,1], depth [1,size,size] (G3DR units); DataError naming the file."""
+def read_image(image_path: Path) -> torch.Tensor:
+    """-> image [3,H,W] in [0,1]; DataError naming the file."""
     try:
         with Image.open(image_path) as im:
             im = im.convert("RGB")
-            img = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
+            return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
     except Exception as e:
         raise DataError(f"cannot read image {image_path}: {e}") from e
+
+
+def fit_pair(img: torch.Tensor, dep: torch.Tensor, size: int, image_name,
+             depth_name) -> Tuple[torch.Tensor, torch.Tensor]:
+    """image [3,H,W], depth [1,H,W] -> both centre-cropped to a square and resized to size x size;
+    DataError (naming the files) for mismatched sizes or non-finite depth."""
+    if dep.shape[-2:] != img.shape[-2:]:
+        raise DataError(f"image {image_name} is {img.shape[2]}x{img.shape[1]} but its depth {depth_name} is "
+                        f"{dep.shape[2]}x{dep.shape[1]} (width x height); they must match")
+    if not torch.isfinite(dep).all():
+        raise DataError(f"depth {depth_name} contains NaN or inf")
+    img = _resize(_centre_square(img), size, "bicubic").clamp(0, 1)
+    dep = _resize(_centre_square(dep), size, "bilinear")
+    return img, dep
+
+
+def load_pair(image_path: Path, depth_path: Path, size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """-> image [3,size,size] in [0,1], depth [1,size,size] (G3DR units); DataError naming the file."""
+    img = read_image(image_path)
     try:
         dep = read_depth(depth_path)[None]
     except DepthFileError as e:
         raise DataError(str(e)) from e
-    if dep.shape[-2:] != img.shape[-2:]:
-        raise DataError(f"image {image_path} is {img.shape[2]}x{img.shape[1]} but its depth {depth_path} is "
-                        f"{dep.shape[2]}x{dep.shape[1]} (width x height); they must match")
-    if not torch.isfinite(dep).all():
-        raise DataError(f"depth file {depth_path} contains NaN or inf")
-    img = _resize(_centre_square(img), size, "bicubic").clamp(0, 1)
-    dep = _resize(_centre_square(dep), size, "bilinear")
-    return img, dep
+    return fit_pair(img, dep, size, image_path, f"file {depth_path}")
 
 
 class FolderDataset(torch.utils.data.Dataset):

@@ -66,20 +66,14 @@ def load_input(image: Union[str, Path], size: int, depth: Union[str, Path, None]
         raise DataError(f"input image not found: {image}")
     if depth is None and depth_model is not None:
         from PIL import Image
+
+        from .data import fit_pair, read_image
         from .depth import to_g3dr_depth
-        try:
-            with Image.open(image) as im:
-                pil = im.convert("RGB")
-        except Exception as e:
-            raise DataError(f"cannot read image {image}: {e}") from e
-        pred = depth_model.predict([pil])[0]
-        d = to_g3dr_depth(pred, kind=depth_model.kind)
-        import tempfile
-        from .depthio import write_depth_png
-        with tempfile.TemporaryDirectory() as tmp:
-            p = Path(tmp) / "depth.png"
-            write_depth_png(p, d)
-            img, dep = load_pair(image, p, size)
+        img = read_image(image)
+        pil = Image.fromarray((img.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy())  # exact: img is 8-bit
+        dep = to_g3dr_depth(depth_model.predict([pil])[0], kind=depth_model.kind)[None]
+        model_name = getattr(depth_model, "model", depth_model).__class__.__name__
+        img, dep = fit_pair(img, dep, size, image, f"estimated by {model_name}")
         return img[None], dep[None]
     depth = Path(depth) if depth is not None else depth_path_for(image)
     if depth is None:
