@@ -1,10 +1,18 @@
 // Feature gather and gradient scatter of one point for the CPU fused renderer (csrc/cpu/render.cpp):
-// the same math and summation order as point_features / scatter_point_grad in
-// csrc/include/g3dr/render_math.h (which the CUDA kernel runs), restructured for the CPU: the bilinear
-// taps of every level and plane (offset and weight / 3) are computed once per point, then the
-// channels run in blocks of generic vectors (tile_gemm.h's Vec) whose sums stay in registers over
-// all taps, instead of a read-modify-write of f [C] per tap. Corners outside a plane are dropped
-// from the list (their weight is 0), so the sums are those of the header functions.
+// the math of point_features / scatter_point_grad in csrc/include/g3dr/render_math.h (which the CUDA
+// kernel runs), restructured for the CPU:
+// - the bilinear taps of every level and plane (an element offset and weight / 3) are computed once
+//   per point (the backward keeps them for the scatter);
+// - the pyramid of a batch element is one flat channels-last buffer (FlatPyramid): level l starts at
+//   element level_off[l], so one offset per tap addresses the pyramid and, with the same layout, the
+//   plane-gradient buffer;
+// - the channels run in blocks of up to 4 generic vectors (tile_gemm.h's Vec) held in registers over
+//   all taps, the taps alternating between two partial sums: a gather is then 2 x blocks independent
+//   chains of multiply-adds instead of one chain of 36 per vector (the chains' latency, not memory,
+//   bounded the gather: prefetching the texel rows a few points ahead changed nothing, measured);
+//   the scatter keeps the point's gradient in registers over the taps.
+// Corners outside a plane are dropped from the list (their weight is 0). Summation order of a
+// feature: even taps, odd taps (each in tap order: level, plane, corner), then even + odd.
 #pragma once
 
 #include <cstdint>
@@ -17,33 +25,45 @@ namespace g3dr {
 namespace render {
 namespace tile {
 
-// Up to 4 corners x 3 planes x kMaxLevels taps of one point.
+// Sizes of a flat channels-last pyramid: per batch element P elements, level l ([3, H_l, W_l, C]) at
+// element level_off[l].
+struct FlatPyramid {
+  int levels, C;
+  int H[kMaxLevels], W[kMaxLevels];
+  int64_t level_off[kMaxLevels];
+  int64_t P;
+};
+
+// Up to 4 corners x 3 planes x kMaxLevels taps of one point; n = -1 for a point with a non-finite
+// coordinate (no taps; its features are NaN).
 template <typename acc_t>
 struct PointTaps {
   int n;
-  int level[kMaxLevels * 12];
-  int64_t off[kMaxLevels * 12];  // element offset in the level's batch element: plane, texel * C
+  int64_t off[kMaxLevels * 12];  // element offset of the corner's C channels in a batch element
   acc_t w[kMaxLevels * 12];      // bilinear weight / 3
 };
 
-// The taps of point u [3] (plane units); the level sizes H, W and C come from the view (a pyramid or
-// its gradient buffer: the same shapes). Non-finite points get no taps (bilinear_tap rejects them).
-template <typename T, typename acc_t>
-inline void point_taps(const PyramidView<T>& pv, const acc_t* u, int plane_axes, PointTaps<acc_t>& t) {
-  const int64_t C = pv.C;
+// The taps of point u [3] (plane units).
+template <typename acc_t>
+inline void point_taps(const FlatPyramid& fp, const acc_t* u, int plane_axes, PointTaps<acc_t>& t) {
+  const int64_t C = fp.C;
   const acc_t third = acc_t(1) / acc_t(3);
   t.n = 0;
-  for (int l = 0; l < pv.levels; ++l) {
-    const int64_t H = pv.H[l], W = pv.W[l];
+  if (!finite_point(u)) {
+    t.n = -1;
+    return;
+  }
+  for (int l = 0; l < fp.levels; ++l) {
+    const int64_t H = fp.H[l], W = fp.W[l];
     for (int p = 0; p < 3; ++p) {
       acc_t pa, pb;
       plane_uv(u, plane_axes, p, pa, pb);
       BilinearTap<acc_t> bt;
       if (!bilinear_tap(pa, pb, H, W, bt)) continue;
+      const int64_t plane0 = fp.level_off[l] + p * H * W * C;
       for (int k = 0; k < 4; ++k) {
         if (bt.idx[k] < 0) continue;
-        t.level[t.n] = l;
-        t.off[t.n] = (p * H * W + bt.idx[k]) * C;
+        t.off[t.n] = plane0 + bt.idx[k] * C;
         t.w[t.n] = bt.w[k] * third;
         ++t.n;
       }
@@ -51,59 +71,100 @@ inline void point_taps(const PyramidView<T>& pv, const acc_t* u, int plane_axes,
   }
 }
 
-// f [C] = the features of point u of batch element b (point_features): the sum over its taps t
-// (filled here) of w * level[off + c]; NaN for a point with a non-finite coordinate.
+#ifdef G3DR_TILE_VECTORS
+// f [c0, c0 + NB * lanes) of a point: the taps alternate between two sets of NB vector sums.
+template <int NB, typename acc_t>
+inline void gather_block(const acc_t* __restrict__ base, const PointTaps<acc_t>& t, int c0, acc_t* __restrict__ f) {
+  using V = typename Vec<acc_t>::type;
+  constexpr int L = Vec<acc_t>::lanes;
+  V even[NB], odd[NB];
+  for (int b = 0; b < NB; ++b) even[b] = odd[b] = V{};
+  int i = 0;
+  for (; i + 2 <= t.n; i += 2) {
+    const acc_t* v0 = base + t.off[i] + c0;
+    const acc_t* v1 = base + t.off[i + 1] + c0;
+    const acc_t w0 = t.w[i], w1 = t.w[i + 1];
+    for (int b = 0; b < NB; ++b) {
+      even[b] += w0 * load(v0 + b * L);
+      odd[b] += w1 * load(v1 + b * L);
+    }
+  }
+  if (i < t.n) {
+    const acc_t* v0 = base + t.off[i] + c0;
+    for (int b = 0; b < NB; ++b) even[b] += t.w[i] * load(v0 + b * L);
+  }
+  for (int b = 0; b < NB; ++b) store(f + c0 + b * L, even[b] + odd[b]);
+}
+
+// g[off + c] += w * gf[c] for c in [c0, c0 + NB * lanes) over the taps, gf held in registers.
+template <int NB, typename acc_t>
+inline void scatter_block(acc_t* __restrict__ gbase, const PointTaps<acc_t>& t, int c0,
+                          const acc_t* __restrict__ gf) {
+  using V = typename Vec<acc_t>::type;
+  constexpr int L = Vec<acc_t>::lanes;
+  V g[NB];
+  for (int b = 0; b < NB; ++b) g[b] = load(gf + c0 + b * L);
+  for (int i = 0; i < t.n; ++i) {
+    acc_t* p = gbase + t.off[i] + c0;
+    const acc_t wi = t.w[i];
+    for (int b = 0; b < NB; ++b) store(p + b * L, load(p + b * L) + wi * g[b]);
+  }
+}
+#endif
+
+// f [C] = the features of a point (point_features) from its taps t, base = the batch element's flat
+// pyramid; NaN for a non-finite point.
 template <typename scalar_t, typename acc_t>
-inline void gather_point(const PyramidView<const scalar_t>& pv, int64_t b, const acc_t* u, int plane_axes,
-                         PointTaps<acc_t>& t, acc_t* __restrict__ f) {
-  const int C = pv.C;
-  point_taps(pv, u, plane_axes, t);
-  if (!finite_point(u)) {
+inline void gather_point(const scalar_t* __restrict__ base, int C, const PointTaps<acc_t>& t, acc_t* __restrict__ f) {
+  if (t.n < 0) {
     for (int c = 0; c < C; ++c) f[c] = quiet_nan<acc_t>();
     return;
   }
-  const scalar_t* base[kMaxLevels];
-  for (int l = 0; l < pv.levels; ++l) base[l] = pv.data[l] + b * pv.batch_stride[l];
   int c0 = 0;
 #ifdef G3DR_TILE_VECTORS
   if constexpr (std::is_same<scalar_t, acc_t>::value) {
-    using V = typename Vec<acc_t>::type;
     constexpr int L = Vec<acc_t>::lanes;
-    for (; c0 + 2 * L <= C; c0 += 2 * L) {
-      V s0{}, s1{};
-      for (int i = 0; i < t.n; ++i) {
-        const scalar_t* v = base[t.level[i]] + t.off[i] + c0;
-        s0 += t.w[i] * load(v);
-        s1 += t.w[i] * load(v + L);
-      }
-      store(f + c0, s0);
-      store(f + c0 + L, s1);
+    for (; c0 + 4 * L <= C; c0 += 4 * L) gather_block<4>(base, t, c0, f);
+    if (c0 + 2 * L <= C) {
+      gather_block<2>(base, t, c0, f);
+      c0 += 2 * L;
+    }
+    if (c0 + L <= C) {
+      gather_block<1>(base, t, c0, f);
+      c0 += L;
     }
   }
 #endif
-  for (int c = c0; c < C; ++c) f[c] = acc_t(0);
   if (c0 == C) return;
+  for (int c = c0; c < C; ++c) f[c] = acc_t(0);
   for (int i = 0; i < t.n; ++i) {
-    const scalar_t* __restrict__ v = base[t.level[i]] + t.off[i];
+    const scalar_t* __restrict__ v = base + t.off[i];
     const acc_t wi = t.w[i];
     for (int c = c0; c < C; ++c) f[c] += wi * static_cast<acc_t>(v[c]);
   }
 }
 
-// Adds gf [C] * w into every tap t of a point (from gather_point) in a one-element channels-last
-// gradient pyramid (the transpose of gather_point, as scatter_point_grad with plain adds into a
-// private buffer).
+// Adds gf [C] * w into every tap of t in a batch element's flat gradient pyramid gbase (the transpose
+// of gather_point, as scatter_point_grad with plain adds into a private buffer).
 template <typename acc_t>
-inline void scatter_point(const PyramidView<acc_t>& gv, const PointTaps<acc_t>& t, const acc_t* __restrict__ gf) {
-  const int C = gv.C;
-  for (int i = 0; i < t.n; ++i) {
-    acc_t* __restrict__ g = gv.data[t.level[i]] + t.off[i];
-    const acc_t wi = t.w[i];
-    int c0 = 0;
+inline void scatter_point(acc_t* __restrict__ gbase, int C, const PointTaps<acc_t>& t, const acc_t* __restrict__ gf) {
+  int c0 = 0;
 #ifdef G3DR_TILE_VECTORS
-    constexpr int L = Vec<acc_t>::lanes;
-    for (; c0 + L <= C; c0 += L) store(g + c0, load(g + c0) + wi * load(gf + c0));
+  constexpr int L = Vec<acc_t>::lanes;
+  for (; c0 + 4 * L <= C; c0 += 4 * L) scatter_block<4>(gbase, t, c0, gf);
+  if (c0 + 2 * L <= C) {
+    scatter_block<2>(gbase, t, c0, gf);
+    c0 += 2 * L;
+  }
+  if (c0 + L <= C) {
+    scatter_block<1>(gbase, t, c0, gf);
+    c0 += L;
+  }
 #endif
+  if (c0 == C) return;
+  for (int i = 0; i < t.n; ++i) {
+    acc_t* __restrict__ g = gbase + t.off[i];
+    const acc_t wi = t.w[i];
     for (int c = c0; c < C; ++c) g[c] += wi * gf[c];
   }
 }

@@ -85,7 +85,60 @@ inline void block_vec(int K, const T* X, int64_t ldx, int64_t kx, const T* W, in
     for (int v = 0; v < kVecs; ++v) store(Y + r * ldy + v * L, acc[r][v]);
   }
 }
+
+// The sum of a vector's lanes: halves added until two lanes are left (a fixed order: lane l of the
+// lower half with lane l of the upper, recursively), then lane 0 + lane 1.
+template <typename T, int Bytes>
+struct HalvingSum {
+  typedef T V __attribute__((vector_size(Bytes)));
+  typedef T Half __attribute__((vector_size(Bytes / 2)));
+  static __attribute__((always_inline)) T run(V v) {
+    Half lo, hi;
+    std::memcpy(&lo, &v, Bytes / 2);
+    std::memcpy(&hi, reinterpret_cast<const char*>(&v) + Bytes / 2, Bytes / 2);
+    return HalvingSum<T, Bytes / 2>::run(lo + hi);
+  }
+};
+template <typename T>
+struct HalvingSum<T, 2 * sizeof(T)> {
+  typedef T V __attribute__((vector_size(2 * sizeof(T))));
+  static __attribute__((always_inline)) T run(V v) { return v[0] + v[1]; }
+};
+
+template <typename T>
+__attribute__((always_inline)) inline T lane_sum(typename Vec<T>::type v) {
+  return HalvingSum<T, 64>::run(v);
+}
 #endif
+
+// Y [n, M] = bias + X [n, K] @ W [M, K]^T for a narrow M (the decoder's output layer, M = 1 + D): per
+// row of X, M dot products over K. With vectors: lanes of K-blocks summed in vector registers, then
+// across lanes (lane_sum), then the scalar K tail; the result is bias + that. Rows independent, so
+// the order is fixed whatever the tile.
+template <typename T>
+inline void gemm_nt_narrow(int64_t n, int K, int M, const T* X, int64_t ldx, const T* W, const T* bias, T* Y,
+                           int64_t ldy) {
+  for (int64_t i = 0; i < n; ++i) {
+    const T* x = X + i * ldx;
+    T* y = Y + i * ldy;
+    for (int m = 0; m < M; ++m) {
+      const T* w = W + static_cast<int64_t>(m) * K;
+      T acc = T(0);
+      int k0 = 0;
+#ifdef G3DR_TILE_VECTORS
+      using V = typename Vec<T>::type;
+      constexpr int L = Vec<T>::lanes;
+      if (K >= L) {
+        V s = load(x) * load(w);
+        for (k0 = L; k0 + L <= K; k0 += L) s += load(x + k0) * load(w + k0);
+        acc = lane_sum<T>(s);
+      }
+#endif
+      for (int k = k0; k < K; ++k) acc += x[k] * w[k];
+      y[m] = bias[m] + acc;
+    }
+  }
+}
 
 // Y [n, M] = (accumulate ? Y : 0) + X [n, K] @ W [K, M]; X (r, k) at X[r * ldx + k * kx].
 template <typename T>
