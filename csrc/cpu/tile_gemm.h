@@ -50,7 +50,17 @@ struct Vec {
   typedef T type __attribute__((vector_size(64)));
   static constexpr int lanes = 64 / sizeof(T);
 };
-constexpr int kVecs = 2;
+
+// Whether 4 x 4 accumulator blocks fit the registers (32 AVX-512 registers; with AVX2 a 64-byte
+// vector takes two of 16 registers, so blocks stay at 4 x 2 there).
+inline bool wide_blocks() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool wide = __builtin_cpu_supports("avx512f");
+  return wide;
+#else
+  return false;
+#endif
+}
 
 template <typename T>
 __attribute__((always_inline)) inline typename Vec<T>::type load(const T* p) {
@@ -64,11 +74,13 @@ __attribute__((always_inline)) inline void store(T* p, typename Vec<T>::type v) 
   std::memcpy(p, &v, sizeof(v));
 }
 
-template <typename T>
+// A kRows x (NV * lanes) block: kRows x NV accumulators in registers while K streams.
+template <int NV, typename T>
 inline void block_vec(int K, const T* X, int64_t ldx, int64_t kx, const T* W, int64_t ldw, T* Y, int64_t ldy,
                       bool accumulate) {
   using V = typename Vec<T>::type;
   constexpr int L = Vec<T>::lanes;
+  constexpr int kVecs = NV;
   V acc[kRows][kVecs];
   for (int r = 0; r < kRows; ++r) {
     for (int v = 0; v < kVecs; ++v) acc[r][v] = accumulate ? load(Y + r * ldy + v * L) : V{};
@@ -140,29 +152,30 @@ inline void gemm_nt_narrow(int64_t n, int K, int M, const T* X, int64_t ldx, con
   }
 }
 
-// Y [n, M] = (accumulate ? Y : 0) + X [n, K] @ W [K, M]; X (r, k) at X[r * ldx + k * kx].
+// Y [n, M] = (accumulate ? Y : 0) + X [n, K] @ W [K, M]; X (r, k) at X[r * ldx + k * kx]. Column
+// blocks of 4, 2 or 1 vectors (4 only where wide_blocks()), scalar for the last columns and rows.
 template <typename T>
 inline void gemm(int64_t n, int K, int M, const T* X, int64_t ldx, int64_t kx, const T* W, int64_t ldw, T* Y,
                  int64_t ldy, bool accumulate) {
 #ifdef G3DR_TILE_VECTORS
-  constexpr int JB = kVecs * Vec<T>::lanes;
-#else
-  constexpr int JB = 16;
+  constexpr int L = Vec<T>::lanes;
+  const bool wide = wide_blocks();
 #endif
   for (int64_t i = 0; i < n; i += kRows) {
     const int nr = static_cast<int>(std::min<int64_t>(kRows, n - i));
     const T* x = X + i * ldx;
     T* y = Y + i * ldy;
-    for (int j0 = 0; j0 < M; j0 += JB) {
-      const int jb = std::min(JB, M - j0);
+    int j0 = 0;
 #ifdef G3DR_TILE_VECTORS
-      if (nr == kRows && jb == JB) {
-        block_vec<T>(K, x, ldx, kx, W + j0, ldw, y + j0, ldy, accumulate);
-        continue;
+    if (nr == kRows) {
+      if (wide) {
+        for (; j0 + 4 * L <= M; j0 += 4 * L) block_vec<4, T>(K, x, ldx, kx, W + j0, ldw, y + j0, ldy, accumulate);
       }
-#endif
-      block_scalar<T>(nr, jb, K, x, ldx, kx, W + j0, ldw, y + j0, ldy, accumulate);
+      for (; j0 + 2 * L <= M; j0 += 2 * L) block_vec<2, T>(K, x, ldx, kx, W + j0, ldw, y + j0, ldy, accumulate);
+      for (; j0 + L <= M; j0 += L) block_vec<1, T>(K, x, ldx, kx, W + j0, ldw, y + j0, ldy, accumulate);
     }
+#endif
+    if (j0 < M) block_scalar<T>(nr, M - j0, K, x, ldx, kx, W + j0, ldw, y + j0, ldy, accumulate);
   }
 }
 
