@@ -15,6 +15,7 @@
 // feature: even taps, odd taps (each in tap order: level, plane, corner), then even + odd.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <type_traits>
 
@@ -58,9 +59,26 @@ inline void point_taps(const FlatPyramid& fp, const acc_t* u, int plane_axes, Po
     for (int p = 0; p < 3; ++p) {
       acc_t pa, pb;
       plane_uv(u, plane_axes, p, pa, pb);
+      const int64_t plane0 = fp.level_off[l] + p * H * W * C;
+      // The common case, all four corners inside: bilinear_tap's weights without its per-corner tests.
+      const acc_t ix = ((pa + acc_t(1)) * acc_t(W) - acc_t(1)) / acc_t(2);
+      const acc_t iy = ((pb + acc_t(1)) * acc_t(H) - acc_t(1)) / acc_t(2);
+      if (ix >= acc_t(0) && ix < acc_t(W - 1) && iy >= acc_t(0) && iy < acc_t(H - 1)) {
+        const acc_t fx = std::floor(ix), fy = std::floor(iy), tx = ix - fx, ty = iy - fy;
+        const int64_t o = plane0 + (static_cast<int64_t>(fy) * W + static_cast<int64_t>(fx)) * C;
+        t.off[t.n] = o;
+        t.off[t.n + 1] = o + C;
+        t.off[t.n + 2] = o + W * C;
+        t.off[t.n + 3] = o + W * C + C;
+        t.w[t.n] = (acc_t(1) - tx) * (acc_t(1) - ty) * third;
+        t.w[t.n + 1] = tx * (acc_t(1) - ty) * third;
+        t.w[t.n + 2] = (acc_t(1) - tx) * ty * third;
+        t.w[t.n + 3] = tx * ty * third;
+        t.n += 4;
+        continue;
+      }
       BilinearTap<acc_t> bt;
       if (!bilinear_tap(pa, pb, H, W, bt)) continue;
-      const int64_t plane0 = fp.level_off[l] + p * H * W * C;
       for (int k = 0; k < 4; ++k) {
         if (bt.idx[k] < 0) continue;
         t.off[t.n] = plane0 + bt.idx[k] * C;
