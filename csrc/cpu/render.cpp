@@ -366,8 +366,8 @@ void decode_tile(const Work<scalar_t>& w, int64_t q0, int64_t nrays, Tile<at::op
   tile::gemm_nt_narrow<acc_t>(n, static_cast<int>(Hd), static_cast<int>(O), t.h, Hd, c.w2, c.b2, t.o, O);
 }
 
-// Forward of rays [begin, end): decode a tile, then composite each of its rays (the same interval
-// math and order as ray_forward_fused in render_math.h, reading the decoded samples).
+// Forward of rays [begin, end): decode a tile, then composite each of its rays (RayComposite, the
+// per-sample step ray_forward_fused in render_math.h runs, over the decoded samples).
 template <typename scalar_t>
 void fwd_rays(const Work<scalar_t>& w, int64_t begin, int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -376,7 +376,7 @@ void fwd_rays(const Work<scalar_t>& w, int64_t begin, int64_t end) {
   Tile<acc_t> t(std::min(per, end - begin), S, c.C, c.Hd, O, false);
   std::vector<acc_t> rgb(3 * D);
   acc_t* acc_rgb = rgb.data();
-  acc_t* prev_rgb = acc_rgb + D;  // the previous and current samples' colours (swapped per sample)
+  acc_t* prev_rgb = acc_rgb + D;
   acc_t* cur_rgb = prev_rgb + D;
   for (int64_t q0 = begin; q0 < end; q0 += per) {
     const int64_t nrays = std::min(per, end - q0);
@@ -384,30 +384,13 @@ void fwd_rays(const Work<scalar_t>& w, int64_t begin, int64_t end) {
     for (int64_t r = 0; r < nrays; ++r) {
       const int64_t ray = w.order[q0 + r];
       const scalar_t* z = c.dz + ray * S;
-      acc_t T = acc_t(1), opacity = acc_t(0), wt = acc_t(0), prev_sigma = acc_t(0), prev_z = acc_t(0);
-      for (int64_t k = 0; k < D; ++k) acc_rgb[k] = acc_t(0);
+      RayComposite<scalar_t, acc_t> rc(acc_rgb, prev_rgb, D);
       for (int64_t s = 0; s < S; ++s) {
         const acc_t* o = t.o + (r * S + s) * O;
-        const acc_t zs = static_cast<acc_t>(z[s]), sigma = o[0];
         for (int64_t k = 0; k < D; ++k) cur_rgb[k] = rgb_activation(o[1 + k]);
-        if (s > 0) {
-          const composite::Interval<acc_t> iv =
-              composite::interval<acc_t>(acc_t(0.5) * (prev_sigma + sigma), zs - prev_z, c.prm.density_bias);
-          const acc_t w = iv.alpha * T;
-          for (int64_t k = 0; k < D; ++k) acc_rgb[k] += w * (acc_t(0.5) * (prev_rgb[k] + cur_rgb[k]));
-          opacity += w;
-          wt += w * (acc_t(0.5) * (prev_z + zs));
-          if (c.out_w != nullptr) c.out_w[ray * (S - 1) + s - 1] = static_cast<scalar_t>(w);
-          T *= iv.trans;
-        }
-        std::swap(prev_rgb, cur_rgb);
-        prev_sigma = sigma;
-        prev_z = zs;
+        rc.add(c, ray, s, static_cast<acc_t>(z[s]), o[0], cur_rgb);
       }
-      const acc_t bg = c.prm.white_bg ? acc_t(1) - opacity : acc_t(0);
-      for (int64_t k = 0; k < D; ++k) c.out_rgb[ray * D + k] = static_cast<scalar_t>(acc_rgb[k] + bg);
-      c.out_opacity[ray] = static_cast<scalar_t>(opacity);
-      c.out_depth[ray] = static_cast<scalar_t>(wt / (opacity + c.prm.eps));
+      rc.finish(c, ray);
     }
   }
 }

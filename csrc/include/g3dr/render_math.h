@@ -384,6 +384,50 @@ G3DR_HD void recompute_sample(const RenderArgs<scalar_t, acc_t>& c, int64_t ray,
   x.sigma = x.o[0];
 }
 
+// The forward composite of one ray, fed one decoded sample at a time (the CUDA kernel as it decodes,
+// the CPU kernel over a decoded tile): interval (s-1, s) adds w = alpha T to the colour (mean of the
+// two samples' colours), opacity and depth, and w to the weights row when out_w is set.
+// acc_rgb and prev_rgb are caller scratch of D each.
+template <typename scalar_t, typename acc_t>
+struct RayComposite {
+  acc_t* acc_rgb;
+  acc_t* prev_rgb;
+  acc_t T, opacity, wt, prev_sigma, prev_z;
+
+  G3DR_HD RayComposite(acc_t* acc, acc_t* prev, int64_t D)
+      : acc_rgb(acc), prev_rgb(prev), T(1), opacity(0), wt(0), prev_sigma(0), prev_z(0) {
+    for (int64_t k = 0; k < D; ++k) acc_rgb[k] = acc_t(0);
+  }
+
+  // Sample s at depth zs with density sigma and colour rgb [D] (activated).
+  G3DR_HD void add(const RenderArgs<scalar_t, acc_t>& c, int64_t ray, int64_t s, acc_t zs, acc_t sigma,
+                   const acc_t* rgb) {
+    const int64_t D = c.D;
+    if (s > 0) {
+      const composite::Interval<acc_t> iv =
+          composite::interval<acc_t>(acc_t(0.5) * (prev_sigma + sigma), zs - prev_z, c.prm.density_bias);
+      const acc_t w = iv.alpha * T;
+      for (int64_t k = 0; k < D; ++k) acc_rgb[k] += w * (acc_t(0.5) * (prev_rgb[k] + rgb[k]));
+      opacity += w;
+      wt += w * (acc_t(0.5) * (prev_z + zs));
+      if (c.out_w != nullptr) c.out_w[ray * (c.S - 1) + s - 1] = static_cast<scalar_t>(w);
+      T *= iv.trans;
+    }
+    for (int64_t k = 0; k < D; ++k) prev_rgb[k] = rgb[k];
+    prev_sigma = sigma;
+    prev_z = zs;
+  }
+
+  // Writes the ray's rgb (over the background), opacity and depth.
+  G3DR_HD void finish(const RenderArgs<scalar_t, acc_t>& c, int64_t ray) const {
+    const int64_t D = c.D;
+    const acc_t bg = c.prm.white_bg ? acc_t(1) - opacity : acc_t(0);
+    for (int64_t k = 0; k < D; ++k) c.out_rgb[ray * D + k] = static_cast<scalar_t>(acc_rgb[k] + bg);
+    c.out_opacity[ray] = static_cast<scalar_t>(opacity);
+    c.out_depth[ray] = static_cast<scalar_t>(wt / (opacity + c.prm.eps));
+  }
+};
+
 // Forward of one ray: stream the samples, composite as they come, write the ray's outputs (and its
 // weights when out_w is set). Scratch: f [C], a [Hd], h [Hd], o [O], acc_rgb [D], prev_rgb [D].
 template <typename scalar_t, typename acc_t>
@@ -391,8 +435,7 @@ G3DR_HD void ray_forward_fused(const RenderArgs<scalar_t, acc_t>& c, int64_t ray
                                acc_t* o, acc_t* acc_rgb, acc_t* prev_rgb) {
   const int64_t S = c.S, D = c.D, b = ray / c.R;
   const scalar_t* z = c.dz + ray * S;
-  acc_t T = acc_t(1), opacity = acc_t(0), wt = acc_t(0), prev_sigma = acc_t(0), prev_z = acc_t(0);
-  for (int64_t k = 0; k < D; ++k) acc_rgb[k] = acc_t(0);
+  RayComposite<scalar_t, acc_t> rc(acc_rgb, prev_rgb, D);
   for (int64_t s = 0; s < S; ++s) {
     const acc_t zs = static_cast<acc_t>(z[s]);
     acc_t u[3];
@@ -400,26 +443,10 @@ G3DR_HD void ray_forward_fused(const RenderArgs<scalar_t, acc_t>& c, int64_t ray
     point_features(c.pv, b, u, c.plane_axes, f);
     mlp_forward<acc_t>(f, static_cast<int>(c.C), c.w1t, c.b1, static_cast<int>(c.Hd), c.w2, c.b2,
                        static_cast<int>(c.O), a, h, nullptr, o);
-    const acc_t sigma = o[0];
     for (int64_t k = 0; k < D; ++k) o[1 + k] = rgb_activation(o[1 + k]);  // o[1:] is now the colour
-    if (s > 0) {
-      const composite::Interval<acc_t> iv =
-          composite::interval<acc_t>(acc_t(0.5) * (prev_sigma + sigma), zs - prev_z, c.prm.density_bias);
-      const acc_t w = iv.alpha * T;
-      for (int64_t k = 0; k < D; ++k) acc_rgb[k] += w * (acc_t(0.5) * (prev_rgb[k] + o[1 + k]));
-      opacity += w;
-      wt += w * (acc_t(0.5) * (prev_z + zs));
-      if (c.out_w != nullptr) c.out_w[ray * (S - 1) + s - 1] = static_cast<scalar_t>(w);
-      T *= iv.trans;
-    }
-    for (int64_t k = 0; k < D; ++k) prev_rgb[k] = o[1 + k];
-    prev_sigma = sigma;
-    prev_z = zs;
+    rc.add(c, ray, s, zs, o[0], o + 1);
   }
-  const acc_t bg = c.prm.white_bg ? acc_t(1) - opacity : acc_t(0);
-  for (int64_t k = 0; k < D; ++k) c.out_rgb[ray * D + k] = static_cast<scalar_t>(acc_rgb[k] + bg);
-  c.out_opacity[ray] = static_cast<scalar_t>(opacity);
-  c.out_depth[ray] = static_cast<scalar_t>(wt / (opacity + c.prm.eps));
+  rc.finish(c, ray);
 }
 
 // The ray's weights gradient row, or null when there is none or it is all zeros.
