@@ -2,7 +2,8 @@
 // schemas and the CPU kernels. Contract: g3dr_kernels/ops/render.py. The per-sample math and the
 // per-ray loops live in csrc/include/g3dr/render_math.h (with sample_math.h and composite_math.h),
 // shared with csrc/cuda/render.cu; this file checks arguments, lays the planes out channels-last and
-// runs chunks of rays per thread with at::parallel_for. On the CPU the decoder runs over tiles of
+// runs chunks of rays per thread with at::parallel_for, each batch element's rays in Morton order of
+// their mid point (ray_order: texel rows reused from cache). On the CPU the decoder runs over tiles of
 // whole rays (~256 samples): taps.h gathers and scatters, tile_gemm.h's small matrix products for the
 // decoder and its backward, the shared per-ray compositing in between (see "tiles of samples" below).
 //
