@@ -6,10 +6,11 @@
 // - the pyramid of a batch element is one flat channels-last buffer (FlatPyramid): level l starts at
 //   element level_off[l], so one offset per tap addresses the pyramid and, with the same layout, the
 //   plane-gradient buffer;
-// - the channels run in blocks of up to 4 generic vectors (tile_gemm.h's Vec) held in registers over
-//   all taps, the taps alternating between two partial sums: a gather is then 2 x blocks independent
-//   chains of multiply-adds instead of one chain of 36 per vector (the chains' latency, not memory,
-//   bounded the gather: prefetching the texel rows a few points ahead changed nothing, measured);
+// - the channels run in blocks of up to 4 generic vectors (tile_gemm.h's Vec; 2 where wide_blocks()
+//   says the registers are AVX2's 16) held in registers over all taps, the taps alternating between
+//   two partial sums: a gather is then 2 x blocks independent chains of multiply-adds instead of one
+//   chain of 36 per vector (the chains' latency, not memory, bounded the gather: prefetching the
+//   texel rows a few points ahead changed nothing, measured);
 //   the scatter keeps the point's gradient in registers over the taps.
 // Corners outside a plane are dropped from the list (their weight is 0). Summation order of a
 // feature: even taps, odd taps (each in tap order: level, plane, corner), then even + odd.
@@ -142,11 +143,10 @@ inline void gather_point(const scalar_t* __restrict__ base, int C, const PointTa
 #ifdef G3DR_TILE_VECTORS
   if constexpr (std::is_same<scalar_t, acc_t>::value) {
     constexpr int L = Vec<acc_t>::lanes;
-    for (; c0 + 4 * L <= C; c0 += 4 * L) gather_block<4>(base, t, c0, f);
-    if (c0 + 2 * L <= C) {
-      gather_block<2>(base, t, c0, f);
-      c0 += 2 * L;
+    if (wide_blocks()) {
+      for (; c0 + 4 * L <= C; c0 += 4 * L) gather_block<4>(base, t, c0, f);
     }
+    for (; c0 + 2 * L <= C; c0 += 2 * L) gather_block<2>(base, t, c0, f);
     if (c0 + L <= C) {
       gather_block<1>(base, t, c0, f);
       c0 += L;
@@ -169,11 +169,10 @@ inline void scatter_point(acc_t* __restrict__ gbase, int C, const PointTaps<acc_
   int c0 = 0;
 #ifdef G3DR_TILE_VECTORS
   constexpr int L = Vec<acc_t>::lanes;
-  for (; c0 + 4 * L <= C; c0 += 4 * L) scatter_block<4>(gbase, t, c0, gf);
-  if (c0 + 2 * L <= C) {
-    scatter_block<2>(gbase, t, c0, gf);
-    c0 += 2 * L;
+  if (wide_blocks()) {
+    for (; c0 + 4 * L <= C; c0 += 4 * L) scatter_block<4>(gbase, t, c0, gf);
   }
+  for (; c0 + 2 * L <= C; c0 += 2 * L) scatter_block<2>(gbase, t, c0, gf);
   if (c0 + L <= C) {
     scatter_block<1>(gbase, t, c0, gf);
     c0 += L;
