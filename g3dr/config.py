@@ -249,6 +249,13 @@ def apply_overrides(cfg: Config, overrides: List[str]) -> Config:
     return cfg
 
 
+def _check_choice(field: str, value, choices) -> None:
+    """ValueError naming the field, the allowed values and the value given, when value is not one of them."""
+    if value not in choices:
+        allowed = ", ".join(repr(c) for c in choices[:-1]) + f" or {choices[-1]!r}"
+        raise ValueError(f"{field} must be {allowed}, got {value!r}")
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks, with the field names in the message."""
     m, r, lo, s, t = cfg.model, cfg.render, cfg.loss, cfg.schedule, cfg.train
@@ -267,29 +274,22 @@ def validate(cfg: Config) -> None:
     if r.n_coarse < 2 or r.n_fine < 0 or r.n_target < 0:
         raise ValueError(f"render needs n_coarse >= 2, n_fine >= 0, n_target >= 0; got {r.n_coarse}, {r.n_fine}, "
                          f"{r.n_target}")
-    if r.sampling not in ("eg3d", "uniform"):
-        raise ValueError(f"render.sampling must be 'eg3d' or 'uniform', got {r.sampling!r}")
-    if r.target_mode not in ("replace", "add"):
-        raise ValueError(f"render.target_mode must be 'replace' or 'add', got {r.target_mode!r}")
+    _check_choice("render.sampling", r.sampling, ("eg3d", "uniform"))
+    _check_choice("render.target_mode", r.target_mode, ("replace", "add"))
     if not 0 <= r.target_prob <= 1:
         raise ValueError(f"render.target_prob must be in [0, 1], got {r.target_prob}")
     if not 0 < r.fov < 180 or r.radius <= 0 or r.box_warp <= 0:
         raise ValueError(f"render.fov in (0,180), radius > 0 and box_warp > 0 needed, got {r.fov}, {r.radius}, "
                          f"{r.box_warp}")
-    if lo.recon not in ("l1", "mse"):
-        raise ValueError(f"loss.recon must be 'l1' or 'mse', got {lo.recon!r}")
-    if lo.depth not in ("l1", "smooth_l1"):
-        raise ValueError(f"loss.depth must be 'l1' or 'smooth_l1', got {lo.depth!r}")
-    if lo.clip_loss not in ("l1", "cosine"):
-        raise ValueError(f"loss.clip_loss must be 'l1' or 'cosine', got {lo.clip_loss!r}")
+    _check_choice("loss.recon", lo.recon, ("l1", "mse"))
+    _check_choice("loss.depth", lo.depth, ("l1", "smooth_l1"))
+    _check_choice("loss.clip_loss", lo.clip_loss, ("l1", "cosine"))
     for name in ("lpips_canon_layers", "lpips_novel_layers"):
         if len(getattr(lo, name)) != 5:
             raise ValueError(f"loss.{name} needs 5 per-layer weights (LPIPS-VGG has 5 layers), got "
                              f"{getattr(lo, name)}")
-    if s.view_sampler not in ("uniform", "gaussian"):
-        raise ValueError(f"schedule.view_sampler must be 'uniform' or 'gaussian', got {s.view_sampler!r}")
-    if s.lr_schedule not in ("onecycle", "warmup_cosine", "constant"):
-        raise ValueError(f"schedule.lr_schedule must be onecycle, warmup_cosine or constant, got {s.lr_schedule!r}")
+    _check_choice("schedule.view_sampler", s.view_sampler, ("uniform", "gaussian"))
+    _check_choice("schedule.lr_schedule", s.lr_schedule, ("onecycle", "warmup_cosine", "constant"))
     if not 0 <= s.p_novel_max <= 1:
         raise ValueError(f"schedule.p_novel_max must be in [0, 1], got {s.p_novel_max}")
     if s.lr <= 0:
@@ -297,8 +297,7 @@ def validate(cfg: Config) -> None:
     if t.steps < 1 or t.batch_size < 1 or t.save_every < 1 or t.keep_last < 0:
         raise ValueError(f"train needs steps >= 1, batch_size >= 1, save_every >= 1, keep_last >= 0; got "
                          f"{t.steps}, {t.batch_size}, {t.save_every}, {t.keep_last}")
-    if t.amp not in ("auto", "bf16", "off"):
-        raise ValueError(f"train.amp must be auto, bf16 or off, got {t.amp!r}")
+    _check_choice("train.amp", t.amp, ("auto", "bf16", "off"))
 
 
 def _official() -> Config:

@@ -39,7 +39,9 @@ def test_overrides_convert_types():
 @pytest.mark.parametrize("item,match", [("train.stepz=3", "unknown config field"), ("trian.steps=3", "unknown config section"),
                                         ("train.steps=abc", "train.steps"), ("train.steps=1.5", "train.steps"),
                                         ("render.perturb=maybe", "render.perturb"), ("steps", "section.key=value"),
-                                        ("model.image_size=21", "multiple of"), ("render.sampling=best", "sampling")])
+                                        ("model.image_size=21", "multiple of"), ("render.sampling=best", "sampling"),
+                                        ("train.amp=fp8", r"train\.amp must be 'auto', 'bf16' or 'off', got 'fp8'"),
+                                        ("loss.recon=l2", r"loss\.recon must be 'l1' or 'mse', got 'l2'")])
 def test_bad_overrides(item, match):
     with pytest.raises(ValueError, match=match):
         apply_overrides(preset("tiny"), [item])
