@@ -93,8 +93,13 @@ def _sample_inputs(pyramid: bool):
     return dict(planes=planes, xyz=xyz)
 
 
+def _option_id(options: dict) -> str:
+    """Test id of an options dict: key=value pairs, a custom DepthKernel as "custom"."""
+    return "-".join(f"{k}={'custom' if isinstance(v, DepthKernel) else v}" for k, v in options.items()) or "defaults"
+
+
 @pytest.mark.parametrize("backend_device", backend_params("sample"))
-@pytest.mark.parametrize("options", SAMPLE_OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()) or "defaults")
+@pytest.mark.parametrize("options", SAMPLE_OPTIONS, ids=_option_id)
 @pytest.mark.parametrize("pyramid", [False, True], ids=["tensor", "pyramid"])
 def test_sample_options(backend_device, options, pyramid):
     backend, device = backend_device
@@ -136,8 +141,7 @@ def _composite_inputs():
 
 
 @pytest.mark.parametrize("backend_device", backend_params("composite"))
-@pytest.mark.parametrize("options", COMPOSITE_OPTIONS, ids=lambda o: "-".join(
-    f"{k}={'custom' if isinstance(v, DepthKernel) else v}" for k, v in o.items()) or "defaults")
+@pytest.mark.parametrize("options", COMPOSITE_OPTIONS, ids=_option_id)
 def test_composite_options(backend_device, options):
     backend, device = backend_device
     inputs = _composite_inputs()
@@ -188,8 +192,7 @@ def _render(planes, rays_o, rays_d, depths, w1, b1, w2, b2, **kw):
 
 
 @pytest.mark.parametrize("backend_device", backend_params("render"))
-@pytest.mark.parametrize("options", RENDER_OPTIONS, ids=lambda o: "-".join(
-    f"{k}={'custom' if isinstance(v, DepthKernel) else v}" for k, v in o.items()) or "defaults")
+@pytest.mark.parametrize("options", RENDER_OPTIONS, ids=_option_id)
 def test_render_options(backend_device, options):
     backend, device = backend_device
     inputs = _render_inputs()
