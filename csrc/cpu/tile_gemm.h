@@ -5,10 +5,11 @@
 // n = tile samples (or hidden units for the weight gradients), K and M = C, hidden or 1 + D.
 // Loops are plain C++ (no BLAS call): deterministic (a fixed summation order, independent of
 // alignment and thread count), no per-call overhead, and compiled once per ISA with the kernel that
-// inlines them (render.cpp's G3DR_CPU_KERNEL). With GCC/Clang the NR x JB accumulator block is a set
-// of generic vectors (vector_size 64 bytes: one AVX-512 register, two AVX2 registers), so it stays in
-// registers while K streams; each row of W is then loaded once per NR rows of X.
-// Summation order for every output: the initial value (0 or Y), then k = 0, 1, ..., K-1.
+// inlines them (render.cpp's G3DR_CPU_KERNEL). With GCC/Clang the kRows x NV accumulator block is a
+// set of generic vectors (vector_size 64 bytes: one AVX-512 register, two AVX2 registers; NV = 4 only
+// where wide_blocks()), so it stays in registers while K streams; each row of W is then loaded once
+// per kRows rows of X. gemm_nt_narrow is the output layer's product with a narrow transposed W.
+// Summation order for every gemm output: the initial value (0 or Y), then k = 0, 1, ..., K-1.
 #pragma once
 
 #include <algorithm>
@@ -44,7 +45,7 @@ inline void block_scalar(int nr, int jb, int K, const T* X, int64_t ldx, int64_t
 
 #if defined(__GNUC__) || defined(__clang__)
 #define G3DR_TILE_VECTORS 1
-// A kRows x (kVecs * lanes) block held in generic vectors.
+// A 64-byte generic vector of T.
 template <typename T>
 struct Vec {
   typedef T type __attribute__((vector_size(64)));
