@@ -24,7 +24,10 @@ def _train_parser(sub):
     t.add_argument("--out", required=True, help="run folder (config.yaml, stats.jsonl, checkpoints/, images/)")
     t.add_argument("--resume", default="auto", help="auto (continue the run in --out if any), never, or a checkpoint")
     t.add_argument("--overwrite", action="store_true", help="replace a previous run in --out")
-    t.add_argument("--max-steps", type=int, default=None, help="stop after this step without changing the schedule")
+    t.add_argument("--max-steps", type=int, default=None, help="train this many steps: the same as train.steps=N "
+                                                                 "(the schedule is fitted to N)")
+    t.add_argument("--init", default=None, help="start from the weights of a model file, checkpoint or run folder "
+                                                "(fine-tuning: fresh optimizer and schedule)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.add_argument("overrides", nargs="*", help="section.key=value config overrides")
     return t
@@ -210,10 +213,11 @@ def main(argv=None) -> None:
         from .config import resolve
         from .train import RunFolderError, train
         overrides = list(args.overrides) + ([f"data.source={args.data}"] if args.data else [])
+        overrides += [f"train.steps={args.max_steps}"] if args.max_steps is not None else []
         try:
             cfg = resolve(args.config, overrides)
             summary = train(cfg, args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet,
-                            max_steps=args.max_steps)
+                            init=args.init)
         except (ValueError, FileNotFoundError, RunFolderError) as e:
             print(f"g3dr train: error: {e}", file=sys.stderr)
             raise SystemExit(2)

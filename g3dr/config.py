@@ -33,6 +33,8 @@ class ModelConfig:
     plane_channels: int = 64            # C: channels per plane (output 3*C)
     decoder_hidden: int = 64
     decoder_lr_mul: float = 1.0
+    plane_layout: str = "native"        # "native": U-Net output is the planes (official); "image": each plane's
+                                        # grid turned so its axes line up with the input image's (g3dr/model.py)
 
 
 @dataclass
@@ -53,6 +55,7 @@ class RenderConfig:
     density_bias: float = -1.0
     white_background: bool = False
     depth_kernel: bool = True           # G3DR's depth-kernel gradient scaling on canonical views
+    kernel_start: float = 0.0           # fraction of the steps before which the kernel scales no gradient
     kernel_s1: float = 1.25
     kernel_s2: float = 0.03
     kernel_c_min: float = 0.05
@@ -80,6 +83,8 @@ class LossConfig:
     clip_novel_ramp: float = 0.0        # ... over this fraction of the steps (0 = constant)
     w_tv: float = 0.1
     w_opacity: float = 1.0
+    w_free: float = 0.0                 # free space (canonical): opacity accumulated in front of target - free_margin
+    free_margin: float = 0.05           # depth units
     opacity_ramp: float = 0.5           # opacity weight rises 0 -> w_opacity over this fraction of the steps
     clip_loss: str = "l1"               # "l1" between embeddings (official) | "cosine"
     clip_model: str = "ViT-B-16"        # open_clip model name
@@ -274,6 +279,7 @@ def validate(cfg: Config) -> None:
     if r.n_coarse < 2 or r.n_fine < 0 or r.n_target < 0:
         raise ValueError(f"render needs n_coarse >= 2, n_fine >= 0, n_target >= 0; got {r.n_coarse}, {r.n_fine}, "
                          f"{r.n_target}")
+    _check_choice("model.plane_layout", m.plane_layout, ("native", "image"))
     _check_choice("render.sampling", r.sampling, ("eg3d", "uniform"))
     _check_choice("render.target_mode", r.target_mode, ("replace", "add"))
     if not 0 <= r.target_prob <= 1:

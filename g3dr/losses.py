@@ -164,6 +164,14 @@ def depth_loss(pred: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Ten
     return F.l1_loss(pred, target) if kind == "l1" else F.smooth_l1_loss(pred, target, beta=0.1)
 
 
+def free_space_loss(weights: torch.Tensor, t_mid: torch.Tensor, depth: torch.Tensor, margin: float) -> torch.Tensor:
+    """Opacity accumulated in front of the target surface: weights, t_mid [B,R,S-1] (interval weights and
+    mid depths), depth [B,1,H,W] with H*W = R -> mean over rays of sum_i w_i [t_i < depth - margin].
+    Zero when the space between the camera and the surface is empty: it penalises fog directly."""
+    target = depth.reshape(depth.shape[0], -1, 1)
+    return (weights * (t_mid < target - margin)).sum(-1).mean()
+
+
 def clip_loss(a: torch.Tensor, b: torch.Tensor, kind: str) -> torch.Tensor:
     return F.l1_loss(a, b) if kind == "l1" else (1 - F.cosine_similarity(a.float(), b.float(), dim=-1)).mean()
 
@@ -194,6 +202,8 @@ class Criterion(nn.Module):
         if branch == "canon":
             terms["recon"] = w["recon"] * recon_loss(out["rgb"], image, c.recon)
             terms["depth"] = w["depth"] * depth_loss(out["depth"], depth, c.depth)
+            if w.get("free") and "weights" in out:
+                terms["free"] = w["free"] * free_space_loss(out["weights"], out["t_mid"], depth, c.free_margin)
             layers = c.lpips_canon_layers
         else:
             terms["tv"] = w["tv"] * tv_loss(out["depth"])

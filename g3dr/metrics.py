@@ -382,6 +382,30 @@ def depth_errors(pred: Tensor, true: Tensor, mask: Optional[Tensor] = None) -> d
             "rmse": float(err.pow(2).mean().sqrt()), "count": int(err.numel())}
 
 
+FOG_MARGIN = 0.1  # depth units: a prediction this far in front of the truth counts as fog
+
+
+def depth_split(pred: Tensor, true: Tensor, objects: Optional[Tensor] = None, margin: float = FOG_MARGIN) -> dict:
+    """Training diagnostics on depth maps pred, true [...] (same shape) with an object mask of that
+    shape (True where the pixel sees an object, False where it sees the background):
+    {"depth_err_obj", "depth_err_bg"} mean absolute errors, "fog_obj" the fraction of object pixels
+    predicted more than `margin` in front of the truth, "behind_obj" the fraction more than `margin`
+    behind it. Without a mask every pixel counts as an object pixel. Terms over an empty set are NaN."""
+    p, t = pred.detach().double(), true.detach().double()
+    if p.shape != t.shape:
+        raise ValueError(f"depth_split: pred [{_shape(p)}] and true [{_shape(t)}] differ in shape")
+    obj = torch.ones_like(p, dtype=torch.bool) if objects is None else objects.to(p.device).bool()
+    if obj.shape != p.shape:
+        raise ValueError(f"depth_split: objects [{_shape(obj)}] must match the depth maps [{_shape(p)}]")
+    err, nan = (p - t).abs(), float("nan")
+
+    def mean(x, m):
+        return float(x[m].mean()) if bool(m.any()) else nan
+
+    return {"depth_err_obj": mean(err, obj), "depth_err_bg": mean(err, ~obj),
+            "fog_obj": mean((p < t - margin).double(), obj), "behind_obj": mean((p > t + margin).double(), obj)}
+
+
 def view_metrics(pred_rgb: Tensor, true_rgb: Tensor, pred_depth: Optional[Tensor] = None,
                  true_depth: Optional[Tensor] = None, mask: Optional[Tensor] = None,
                  lpips_net: Optional[nn.Module] = None) -> dict:

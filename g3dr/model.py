@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Dict, Optional, Union
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from g3dr_kernels import DepthKernel
+from g3dr_kernels import DepthKernel, reference
+from g3dr_kernels.cameras import g3dr_cam2world, g3dr_rays
 from g3dr_kernels.nn import TriplaneDecoder, TriplaneRenderer
 
 from .config import Config, ModelConfig
@@ -211,6 +212,54 @@ class TriplaneUNet(nn.Module):
         return x.reshape(B, 3, self.cfg.plane_channels, H, W)
 
 
+def image_plane_orientation(plane_axes: str, radius: float, fov: float, box_warp: float = 2.0
+                            ) -> Tuple[Tuple[bool, bool, bool], ...]:
+    """How to turn a grid laid out like the input image ([rows, cols]) into each plane, so that the
+    plane axes line up with the image: per plane (transpose, flip_rows, flip_cols), applied in that order.
+
+    Found by projecting the canonical camera's pixels with the renderer's own `project`: each plane
+    coordinate (w, h) is driven by an image axis (row or column) or by depth along the view. The
+    plane axis driven by image rows takes the grid's rows, by columns its columns, and a depth axis
+    the grid axis left over; a flip where the plane coordinate falls as its grid index rises.
+    G3DR's canonical camera looks along +x: with "xyz" axes the (y, z) plane is the image itself,
+    turned; (x, y) and (x, z) keep the image's rows / columns and put depth on the other grid axis.
+    """
+    n = 8
+    o, d = g3dr_rays(g3dr_cam2world(math.pi / 2, math.pi / 2, radius, dtype=torch.float64), fov, n)
+    pts = o + radius * d                                       # [1, n*n, 3] pixels on the sphere through the origin
+    deeper = o + (radius + 0.25) * d
+    uv = reference.project(pts, box_warp, plane_axes)[0].reshape(3, n, n, 2)          # [plane, row, col, (w, h)]
+    uv_deep = reference.project(deeper, box_warp, plane_axes)[0].reshape(3, n, n, 2)
+    out = []
+    for p in range(3):
+        grads = {"row": (uv[p, -1] - uv[p, 0]).mean(0), "col": (uv[p, :, -1] - uv[p, :, 0]).mean(0),
+                 "depth": (uv_deep[p] - uv[p]).mean((0, 1))}                        # each [2] = (dw, dh)
+        drive = []
+        for k in range(2):  # k = 0: w, 1: h; the image axis that moves it most ("depth" when neither does)
+            best = max(("row", "col"), key=lambda a: abs(float(grads[a][k])))
+            drive.append(best if abs(float(grads[best][k])) > 4 * abs(float(grads["depth"][k])) else "depth")
+        w_by, h_by = drive
+        if w_by == h_by:
+            raise ValueError(f"plane_layout='image': plane {p} of plane_axes={plane_axes!r} has both axes driven "
+                             f"by {w_by}; it cannot be aligned with the image")
+        transpose = w_by == "row" or h_by == "col"
+        flip_rows = float(grads[h_by][1]) < 0
+        flip_cols = float(grads[w_by][0]) < 0
+        out.append((transpose, flip_rows, flip_cols))
+    return tuple(out)
+
+
+def orient_planes(grid: torch.Tensor, orientation) -> torch.Tensor:
+    """grid [B,3,C,H,W] in image layout -> planes [B,3,C,H,W] (see image_plane_orientation). Square grids only."""
+    planes = []
+    for p, (transpose, flip_rows, flip_cols) in enumerate(orientation):
+        g = grid[:, p]
+        g = g.transpose(-1, -2) if transpose else g
+        dims = [d for d, f in ((-2, flip_rows), (-1, flip_cols)) if f]
+        planes.append(g.flip(dims) if dims else g)
+    return torch.stack(planes, 1)
+
+
 # A kernel equal to 1 everywhere: target samples are still taken, no gradient is rescaled.
 _NO_KERNEL = DepthKernel(s1=1.0, s2=1.0, c_min=1.0, c_max=1.0)
 
@@ -228,6 +277,9 @@ class G3DR(nn.Module):
         self.generator = TriplaneUNet(m)
         self.decoder = TriplaneDecoder(m.plane_channels, m.decoder_hidden, 3, lr_multiplier=m.decoder_lr_mul)
         self.renderer = self.make_renderer()
+        # plane_layout="image": the U-Net's output grids are laid out like the input image, turned here
+        self.orientation = (image_plane_orientation(r.plane_axes, r.radius, r.fov, r.box_warp)
+                            if m.plane_layout == "image" else None)
 
     def make_renderer(self, n_coarse: Optional[int] = None, n_fine: Optional[int] = None,
                       backend: Optional[str] = None, sampling: Optional[str] = None) -> TriplaneRenderer:
@@ -247,14 +299,29 @@ class G3DR(nn.Module):
 
     def planes(self, image: torch.Tensor, depth: torch.Tensor) -> torch.Tensor:
         """image [B,3,H,W] in [0,1], depth [B,1,H,W] -> planes [B,3,C,H,W] (float32)."""
-        return self.generator(image * 2 - 1, depth).float()
+        grid = self.generator(image * 2 - 1, depth).float()
+        return grid if self.orientation is None else orient_planes(grid, self.orientation)
 
-    def forward(self, image, depth, rays_o, rays_d, target_depth=None, generator=None) -> Dict[str, torch.Tensor]:
+    def forward(self, image, depth, rays_o, rays_d, target_depth=None, generator=None, return_weights: bool = False
+                ) -> Dict[str, torch.Tensor]:
+        """-> {"planes", "rgb", "depth", "opacity"}; with return_weights also "weights" [B,R,S-1] and the
+        interval mid depths "t_mid" [B,R,S-1] (for the free-space loss)."""
         planes = self.planes(image, depth)
         with torch.autocast(rays_o.device.type, enabled=False):  # the renderer runs in float32
-            out = self.renderer(planes, rays_o.float(), rays_d.float(), target_depth=target_depth,
-                                generator=generator)
-        return {"planes": planes, "rgb": out.rgb, "depth": out.depth, "opacity": out.opacity}
+            o, d = rays_o.float(), rays_d.float()
+            depths, noise = self.renderer.render_depths(planes, o, d, target_depth, generator)
+            out = self.renderer.render_at(planes, o, d, depths, target_depth, return_weights, noise)
+        res = {"planes": planes, "rgb": out.rgb, "depth": out.depth, "opacity": out.opacity}
+        if return_weights:
+            res.update(weights=out.weights, t_mid=(depths[..., 1:] + depths[..., :-1]) / 2)
+        return res
+
+    def set_kernel(self, on: bool) -> None:
+        """Switch the depth-kernel gradient scaling (render.depth_kernel) on or off for the next steps
+        (render.kernel_start: off at first, then on)."""
+        r = self.cfg.render
+        on = on and r.depth_kernel
+        self.renderer.kernel = DepthKernel(r.kernel_s1, r.kernel_s2, r.kernel_c_min, r.kernel_c_max) if on else _NO_KERNEL
 
     @torch.no_grad()
     def reconstruct(self, image: torch.Tensor, depth: torch.Tensor) -> torch.Tensor:

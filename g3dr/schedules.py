@@ -35,12 +35,17 @@ def loss_weights(cfg: Config, step: int) -> dict:
     lo, T = cfg.loss, cfg.train.steps
     canon_on = step >= lo.canon_perceptual_start * T
     return {
-        "canon": {"recon": lo.w_recon, "depth": lo.w_depth,
+        "canon": {"recon": lo.w_recon, "depth": lo.w_depth, "free": lo.w_free,
                   "lpips": lo.w_lpips_canon if canon_on else 0.0, "clip": lo.w_clip_canon if canon_on else 0.0},
         "novel": {"clip": ramp(step, lo.clip_novel_start_weight, lo.w_clip_novel, 0, lo.clip_novel_ramp * T),
                   "lpips": lo.w_lpips_novel, "tv": lo.w_tv},
         "opacity": ramp(step, 0.0, lo.w_opacity, 0, lo.opacity_ramp * T),
     }
+
+
+def kernel_on(cfg: Config, step: int) -> bool:
+    """Whether the depth kernel scales gradients at `step` (render.depth_kernel after render.kernel_start)."""
+    return cfg.render.depth_kernel and step >= cfg.render.kernel_start * cfg.train.steps
 
 
 def learning_rate(cfg: Config, step: int) -> float:

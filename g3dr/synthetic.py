@@ -94,7 +94,8 @@ def _hit_wall(o, d):
 
 def cast(scene: Scene, rays_o: torch.Tensor, rays_d: torch.Tensor) -> Dict[str, torch.Tensor]:
     """rays_o, rays_d [R,3] -> rgb [R,3] in [0,1] (black where nothing is hit), depth [R] (distance
-    along the ray; inf where nothing is hit), mask [R] bool, points [R,3], normals [R,3]."""
+    along the ray; inf where nothing is hit), mask [R] bool, objects [R] bool (hits an object, not the
+    wall), points [R,3], normals [R,3]."""
     dtype = rays_o.dtype
     o, d = rays_o.double(), rays_d.double()
     ts = torch.cat([_hit_spheres(o, d, scene.spheres), _hit_boxes(o, d, scene.boxes), _hit_wall(o, d)[:, None]], 1)
@@ -130,17 +131,19 @@ def cast(scene: Scene, rays_o: torch.Tensor, rays_d: torch.Tensor) -> Dict[str, 
     shade = 0.35 + 0.65 * (n * _LIGHT.to(p)).sum(-1).clamp(min=0)
     rgb = (alb * shade[:, None]).clamp(0, 1) * mask[:, None]
     depth = torch.where(mask, t, torch.full_like(t, math.inf))
-    return dict(rgb=rgb.to(dtype), depth=depth.to(dtype), mask=mask, points=p.to(dtype), normals=n.to(dtype))
+    return dict(rgb=rgb.to(dtype), depth=depth.to(dtype), mask=mask, objects=mask & ~is_w, points=p.to(dtype),
+                normals=n.to(dtype))
 
 
 def render_view(scene: Scene, yaw: float = math.pi / 2, pitch: float = math.pi / 2, *, resolution: int = 128,
                 radius: float = 5.0, fov: float = 18.0) -> Dict[str, torch.Tensor]:
-    """One view with G3DR's camera -> rgb [3,H,W], depth [1,H,W] (inf where empty), mask [1,H,W]."""
+    """One view with G3DR's camera -> rgb [3,H,W], depth [1,H,W] (inf where empty), mask [1,H,W],
+    objects [1,H,W] (pixels that see an object rather than the wall)."""
     rays_o, rays_d = g3dr_rays(g3dr_cam2world(yaw, pitch, radius), fov, resolution)
     out = cast(scene, rays_o[0], rays_d[0])
     H = W = resolution
     return dict(rgb=out["rgb"].T.reshape(3, H, W), depth=out["depth"].reshape(1, H, W),
-                mask=out["mask"].reshape(1, H, W))
+                mask=out["mask"].reshape(1, H, W), objects=out["objects"].reshape(1, H, W))
 
 
 def canonical_rgbd(index: int, seed: int = 0, resolution: int = 128, radius: float = 5.0,
@@ -172,13 +175,14 @@ def density_field(scene: Scene, points: torch.Tensor, sharpness: float = 200.0) 
 
 class SyntheticDataset(torch.utils.data.Dataset):
     """`n` procedural scenes as a training set: item i -> {"image" [3,H,W] in [0,1], "depth" [1,H,W],
-    "index"}. Index i + n is scene i flipped horizontally (the official code's convention)."""
+    "objects" [1,H,W] bool (object pixels, for the training diagnostics), "index"}. Index i + n is
+    scene i flipped horizontally (the official code's convention)."""
 
     def __init__(self, n: int = 512, resolution: int = 128, seed: int = 0, radius: float = 5.0, fov: float = 18.0):
         if n < 1:
             raise ValueError(f"SyntheticDataset needs n >= 1 scenes, got {n}")
         self.n, self.resolution, self.seed, self.radius, self.fov = n, resolution, seed, radius, fov
-        self._cache: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
+        self._cache: Dict[int, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def __len__(self) -> int:
         return self.n
@@ -186,12 +190,12 @@ class SyntheticDataset(torch.utils.data.Dataset):
     def __getitem__(self, k: int) -> Dict[str, torch.Tensor]:
         i, flip = k % self.n, k >= self.n
         if i not in self._cache:
-            img, dep = canonical_rgbd(i, self.seed, self.resolution, self.radius, self.fov)
-            self._cache[i] = (img.float(), dep.float())
-        img, dep = self._cache[i]
+            v = render_view(make_scene(i, self.seed), resolution=self.resolution, radius=self.radius, fov=self.fov)
+            self._cache[i] = (v["rgb"].float(), v["depth"].float(), v["objects"])
+        img, dep, obj = self._cache[i]
         if flip:
-            img, dep = img.flip(-1), dep.flip(-1)
-        return {"image": img, "depth": dep, "index": torch.tensor(k)}
+            img, dep, obj = img.flip(-1), dep.flip(-1), obj.flip(-1)
+        return {"image": img, "depth": dep, "objects": obj, "index": torch.tensor(k)}
 
     def scene(self, i: int) -> Scene:
         return make_scene(i % self.n, self.seed)

@@ -12,6 +12,7 @@ TensorBoard is installed).
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import time
@@ -23,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from . import cameras, checkpoint, schedules
+from . import cameras, checkpoint, metrics, schedules
 from .config import Config, save_yaml
 from .data import StepBatchSampler, build_dataset
 from .losses import Criterion, needs
@@ -103,11 +104,45 @@ def _grid_image(model: G3DR, cfg: Config, image, depth, path: Path, device) -> N
     tmp.replace(path)
 
 
+def interval(every: int, steps: int, parts: int = 10) -> int:
+    """A logging/image/checkpoint interval for a run of `steps` steps: the configured one, shortened so
+    that a short run still gets about `parts` of them."""
+    return max(1, min(every, steps // parts))
+
+
+def init_weights(model: G3DR, source) -> int:
+    """Copy the weights of a model file, checkpoint or run folder into `model` (`train --init`: fine-tuning
+    with a fresh optimizer). The architectures must match. Returns the step the source was trained to."""
+    ck = checkpoint.load(source, map_location="cpu")
+    try:
+        model.load_state_dict(ck["model"])
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        raise ValueError(f"--init {source}: its weights do not fit this config's model ({first[0][:200]}); "
+                         f"train with the config it was made with (its config.yaml)") from None
+    return int(ck.get("step", 0))
+
+
+def _diagnostics(res: Dict[str, torch.Tensor], depth: torch.Tensor, objects: Optional[torch.Tensor],
+                 canonical: bool) -> Dict[str, float]:
+    """Per-step numbers that show collapse early: opacity statistics, and on canonical steps the depth
+    error on object and background pixels and the fog fraction (metrics.depth_split)."""
+    op = res["opacity"].detach()
+    out = {"opacity_mean": float(op.mean()), "opacity_lo": float((op < 0.5).float().mean())}
+    if canonical:
+        out.update(metrics.depth_split(res["depth"], depth.reshape(depth.shape[0], -1),
+                                       None if objects is None else objects.reshape(objects.shape[0], -1)))
+    return out
+
+
 def train(cfg: Config, out_dir, resume: str = "auto", overwrite: bool = False, progress: bool = True,
-          max_steps: Optional[int] = None) -> Dict:
+          max_steps: Optional[int] = None, init: Optional[str] = None) -> Dict:
     """Train G3DR with `cfg` into run folder `out_dir`. resume: "auto" (continue out_dir's last.pt when
-    present), "never", or a checkpoint path. max_steps stops early (for tests) without changing the
-    schedule. Returns a summary dict (final step, skipped steps, last losses)."""
+    present), "never", or a checkpoint path. init: a model file, checkpoint or run folder whose weights
+    start a new run (fine-tuning; fresh optimizer and schedule; ignored when resuming). max_steps stops
+    early (tests, interruption drills) without changing the schedule; to shorten a run set
+    cfg.train.steps (the CLI's --max-steps does). Returns a summary dict (final step, skipped steps,
+    last losses)."""
     world, rank, local_rank = _dist_env()
     device = _device(cfg, local_rank)
     if world > 1 and not dist.is_initialized():
@@ -131,6 +166,10 @@ def train(cfg: Config, out_dir, resume: str = "auto", overwrite: bool = False, p
     model = G3DR(cfg).to(device)
     if cfg.train.channels_last:
         model.generator.to(memory_format=torch.channels_last)
+    if init is not None and resume_path is None:
+        init_weights(model, init)
+        if main and progress:
+            print(f"initialised the weights from {init}")
     opt = torch.optim.Adam(model.parameters(), lr=schedules.learning_rate(cfg, 0), betas=cfg.schedule.betas)
     start, skipped = 0, 0
     if resume_path is not None:
@@ -144,6 +183,7 @@ def train(cfg: Config, out_dir, resume: str = "auto", overwrite: bool = False, p
         model.generator.forward = torch.compile(model.generator.forward)
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
     need = needs(cfg)
+    want_weights = cfg.loss.w_free > 0
     criterion = Criterion(cfg.loss, need["lpips"], need["clip"]).to(device)
     if main:  # only now that everything is built: a failed start leaves no folder behind
         out.mkdir(parents=True, exist_ok=True)
@@ -162,6 +202,8 @@ def train(cfg: Config, out_dir, resume: str = "auto", overwrite: bool = False, p
     H = cfg.model.image_size
     canon_o, canon_d = cameras.canonical_rays(cfg, B, device=device)
     ckpt = checkpoint.Checkpointer(out, cfg.train.keep_last)
+    log_every, image_every, save_every = (interval(cfg.train.log_every, T, 50), interval(cfg.train.image_every, T, 6),
+                                          interval(cfg.train.save_every, T, 4))
     stats_f = open(out / "stats.jsonl", "a") if main else None
     writer = None
     if main:
@@ -209,12 +251,16 @@ def train(cfg: Config, out_dir, resume: str = "auto", overwrite: bool = False, p
             else:
                 rays_o, rays_d = canon_o[:b], canon_d[:b]
                 target = depth.reshape(b, -1)
+            if cfg.render.kernel_start > 0:
+                model.set_kernel(schedules.kernel_on(cfg, step))
             with autocast():
                 res = ddp(image, depth, rays_o, rays_d, target_depth=target,
-                          generator=_gen(device, seed, step, 3, rank))
+                          generator=_gen(device, seed, step, 3, rank), return_weights=want_weights and not novel)
                 rendered = {k: _to_images(res[k], H, H) for k in ("rgb", "depth", "opacity")}
+                rendered.update({k: res[k] for k in ("weights", "t_mid") if k in res})
                 terms = criterion("novel" if novel else "canon", rendered, image, depth,
                                   schedules.loss_weights(cfg, step))
+            objects = batch.get("objects")
             loss = terms["total"]
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -233,12 +279,13 @@ def train(cfg: Config, out_dir, resume: str = "auto", overwrite: bool = False, p
             done = step + 1
             n_img += b * world
             if main:
-                if done % cfg.train.log_every == 0 or done == end:
+                if done % log_every == 0 or done == end:
                     now = time.perf_counter()
                     rec = {"step": done, "lr": lr, "branch": "novel" if novel else "canon",
                            "skipped_steps": skipped, "grad_norm": float(norm),
                            "img_per_s": n_img / max(now - t_last, 1e-9),
-                           **{k: float(v.detach()) for k, v in terms.items()}}
+                           **{k: float(v.detach()) for k, v in terms.items()},
+                           **_diagnostics(res, depth, objects, not novel)}
                     t_last, n_img = now, 0
                     stats_f.write(json.dumps(rec) + "\n")
                     stats_f.flush()
@@ -249,11 +296,12 @@ def train(cfg: Config, out_dir, resume: str = "auto", overwrite: bool = False, p
                     if bar is not None:
                         bar.set_postfix({k: f"{float(v.detach()):.3f}" for k, v in terms.items()} |
                                         {"img/s": f"{rec['img_per_s']:.1f}", "skip": skipped})
-                if done % cfg.train.image_every == 0:
+                if done % image_every == 0 or done == end:
                     _grid_image(model, cfg, image, depth, out / "images" / f"step_{done:08d}.png", device)
+                    plot_curves(out / "stats.jsonl", out / "curves.png")
             if bar is not None:
                 bar.update(1)
-            if done % cfg.train.save_every == 0 or done == end or stop["signal"] is not None:
+            if done % save_every == 0 or done == end or stop["signal"] is not None:
                 save(done)
             if stop["signal"] is not None:
                 if main and progress:
@@ -274,6 +322,59 @@ def train(cfg: Config, out_dir, resume: str = "auto", overwrite: bool = False, p
     final = step + 1 if end > start else start
     return {"step": min(final, end), "skipped_steps": skipped, "run_dir": str(out),
             "losses": {k: float(v.detach()) for k, v in terms.items()}, "interrupted": stop["signal"] is not None}
+
+
+CURVES = (("loss terms", ("total", "recon", "depth", "lpips", "clip", "tv", "opacity")),
+          ("depth error (canonical)", ("depth_err_obj", "depth_err_bg")),
+          ("fog and opacity", ("fog_obj", "behind_obj", "opacity_mean")),
+          ("learning rate", ("lr",)))
+
+
+def plot_curves(stats: Path, path: Path, smooth: int = 9) -> Optional[Path]:
+    """stats.jsonl -> curves.png: loss terms, object/background depth error, fog and opacity, learning
+    rate against the step (thin: every logged value; thick: a running median of `smooth`). Returns the
+    path, or None when matplotlib is not installed or nothing was logged yet."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    recs = []
+    if stats.is_file():
+        for line in stats.read_text().splitlines():
+            try:
+                recs.append(json.loads(line))
+            except ValueError:
+                continue
+    if not recs:
+        return None
+    import numpy as np
+    fig, axes = plt.subplots(1, len(CURVES), figsize=(5 * len(CURVES), 3.6))
+    for ax, (title, keys) in zip(axes, CURVES):
+        for k in keys:
+            pts = [(r["step"], r[k]) for r in recs if isinstance(r.get(k), (int, float)) and math.isfinite(r[k])]
+            if not pts:
+                continue
+            x, y = np.array(pts).T
+            line, = ax.plot(x, y, lw=0.6, alpha=0.35)
+            if len(y) >= smooth:
+                med = np.array([np.median(y[max(0, i - smooth // 2):i + smooth // 2 + 1]) for i in range(len(y))])
+                ax.plot(x, med, lw=1.6, color=line.get_color(), label=k)
+            else:
+                line.set_label(k)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        if title.startswith("learning"):
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
 
 
 def threading_main() -> bool:
