@@ -52,11 +52,16 @@ def _floats(text: str):
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="g3dr", description="G3DR on fast triplane kernels")
     sub = p.add_subparsers(dest="cmd", required=True)
-    d = sub.add_parser("demo", help="G3DR end to end on built-in scenes: train briefly, reconstruct, render, export, "
-                                     "score against ground truth, time the kernels")
+    d = sub.add_parser("demo", help="G3DR end to end on held-out built-in scenes with the shipped model: reconstruct, "
+                                     "render, export, score against ground truth, time the kernels")
     d.add_argument("--out", default="outputs/demo", help="output folder")
-    d.add_argument("--quick", action="store_true", help="the tiny preset, a few steps (seconds)")
-    d.add_argument("--steps", type=int, default=None, help="training steps (default: 60, quick: 3)")
+    d.add_argument("--model", default=None, help="model file or run folder (default: the shipped models/ model)")
+    d.add_argument("--train", action="store_true", help="train a model with the fast preset first (about an hour "
+                                                         "on 2 CPU cores; --steps to shorten)")
+    d.add_argument("--quick", action="store_true", help="train the tiny preset for a few steps instead (seconds)")
+    d.add_argument("--steps", type=int, default=None, help="training steps with --train/--quick (default: the "
+                                                            "preset's; quick: 3)")
+    d.add_argument("--scenes", type=int, default=8, help="held-out scenes to score")
     d.add_argument("--frames", type=int, default=None, help="turntable frames (default: 36, quick: 8)")
     d.add_argument("--backend", default="auto", choices=["auto", "torch", "cpu", "triton", "cuda"])
     d.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -70,8 +75,9 @@ def main(argv=None) -> None:
                                                          "offsets in radians, e.g. 0:0,0.3:0.1")
     r.add_argument("--frames", type=int, default=48, help="frames for front/orbit")
     r.add_argument("--resolution", type=int, default=None, help="output size (default: the training size)")
-    r.add_argument("--n-coarse", type=int, default=64)
-    r.add_argument("--n-fine", type=int, default=64)
+    r.add_argument("--n-coarse", type=int, default=None, help="samples per ray (default: twice the training count, "
+                                                             "as G3DR.render)")
+    r.add_argument("--n-fine", type=int, default=None, help="importance samples per ray (default: as G3DR.render)")
     r.add_argument("--sigma-scale", type=float, default=1.0, help="multiply the density field (paper Table S1)")
     r.add_argument("--chunk", type=int, default=16384, help="rays per render call (memory)")
     r.add_argument("--fps", type=float, default=12.0)
@@ -134,11 +140,18 @@ def main(argv=None) -> None:
         args.overrides = list(args.overrides) + extra
     if args.cmd == "demo":
         from .demo import run_demo
-        for name in ("steps", "frames"):
+        for name in ("steps", "frames", "scenes"):
             if getattr(args, name) is not None and getattr(args, name) < 1:
                 p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-        run_demo(args.out, quick=args.quick, steps=args.steps, device=args.device, backend=args.backend,
-                 frames=args.frames, timings=not args.no_timings)
+        if args.steps is not None and not (args.train or args.quick):
+            p.error("--steps needs --train or --quick (the default demo uses the shipped model)")
+        try:
+            run_demo(args.out, quick=args.quick, steps=args.steps, device=args.device, backend=args.backend,
+                     frames=args.frames, timings=not args.no_timings, train_model=args.train, model_path=args.model,
+                     scenes=args.scenes)
+        except (ValueError, OSError) as err:
+            print(f"g3dr demo: error: {err}", file=sys.stderr)
+            raise SystemExit(2)
     elif args.cmd in ("render", "export"):
         from .infer import export_inputs, render_inputs
         for name in ("frames", "resolution", "n_coarse", "chunk", "voxel_res"):

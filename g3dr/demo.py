@@ -1,13 +1,16 @@
-"""The main job: G3DR end to end on the built-in synthetic scenes.
+"""The main job: G3DR end to end on built-in synthetic scenes it never saw in training.
 
-1. train the `small` preset for a short fixed budget (about two minutes on 2 CPU cores; LPIPS-VGG
-   with random weights when no VGG16 file is found, said loudly; CLIP is off in `small`);
-2. reconstruct a held-out scene from its single canonical RGB-D view;
-3. render a turntable (mp4 + GIF + PNG strip, colour and depth) and export meshes (.glb);
-4. print novel-view PSNR and depth error against the scene's ground truth;
-5. time every available kernel backend against the pure-PyTorch reference.
-`--quick` does the same on the `tiny` preset in seconds (the tests run it).
-Re-running continues the training run in `<out>/run` (resume) and redoes the rest.
+1. load the shipped model (models/, trained by the `fast` preset; see models/README.md), or with
+   `--train` train one first (the `fast` preset, `--steps` to shorten it; resumes in `<out>/run`);
+2. reconstruct held-out scenes from their single canonical RGB-D view;
+3. write heldout.png: per scene the input RGB and depth, the reconstruction of the input view, and
+   novel views (colour and depth) beside the ground truth;
+4. render a turntable of the first scene (mp4 + GIF + PNG strip, colour and depth), export its
+   marching-cubes mesh and the input view as a depth mesh (.glb);
+5. score the held-out scenes (g3dr.heldout: novel-view PSNR on co-visible and all pixels, object depth
+   error against a flat-plane baseline, fog) into scores.json, and print them;
+6. time every available kernel backend against the pure-PyTorch reference.
+`--quick` trains the `tiny` preset for a few steps instead (seconds; the tests run it).
 """
 from __future__ import annotations
 
@@ -23,8 +26,8 @@ import g3dr_kernels as K
 from g3dr_kernels.cameras import camera_rays, fov_to_intrinsics, g3dr_cam2world, g3dr_rays, orbit_cameras
 from g3dr_kernels.nn import TriplaneDecoder
 
-DEMO_STEPS = 60          # the small preset's budget: about two minutes on 2 CPU cores
-NOVEL_YAWS = (-0.3, -0.15, 0.15, 0.3)   # novel-view offsets (radians) scored against ground truth
+MODEL = Path(__file__).resolve().parent.parent / "models" / "g3dr-fast-synthetic.safetensors"
+PICTURE_OFFSETS = ((-15.0, 0.0), (15.0, 0.0), (0.0, 5.0))   # novel views (yaw, pitch degrees) in heldout.png
 
 
 def _time(fn, repeats: int) -> float:
@@ -96,52 +99,97 @@ def _strip(views: Dict[str, torch.Tensor], n: int) -> np.ndarray:
     return (torch.cat([top, bottom], 0).numpy() * 255).round().astype(np.uint8)
 
 
+def _u8(x: torch.Tensor) -> np.ndarray:
+    """[3,H,W] in [0,1] -> uint8 [H,W,3]."""
+    return (x.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+
+
+def heldout_picture(model, scenes, path: Path, scale: int = 2) -> Path:
+    """One row per scene: input RGB | input depth | reconstruction (input view) RGB | depth | then per
+    novel view of PICTURE_OFFSETS: predicted RGB | true RGB | predicted depth | true depth. Depths share
+    one colour range per row (turbo, near = warm)."""
+    from .export import colorize_depth
+    from .heldout import score_scene
+    rows = []
+    for scene in scenes:
+        s = score_scene(model, scene, PICTURE_OFFSETS, keep_views=True)
+        pic = s["pictures"]
+        rng = (float(pic["input_depth"].min()), float(pic["input_depth"].max()))
+
+        def dep(d):
+            return colorize_depth(d.cpu(), value_range=rng)
+        cells = [_u8(pic["input_rgb"]), dep(pic["input_depth"]), _u8(pic["canon_rgb"]), dep(pic["canon_depth"])]
+        for v in pic["novel"]:
+            cells += [_u8(v["pred_rgb"]), _u8(v["true_rgb"]), dep(v["pred_depth"]), dep(v["true_depth"])]
+        gap = np.full((cells[0].shape[0], 2, 3), 255, np.uint8)
+        rows.append(np.concatenate([c for cell in cells for c in (cell, gap)][:-1], 1))
+    grid = np.concatenate([r for row in rows for r in (row, np.full((2, row.shape[1], 3), 255, np.uint8))][:-1], 0)
+    img = Image.fromarray(grid)
+    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.png")
+    img.save(tmp)
+    tmp.replace(path)
+    return path
+
+
 def run_demo(out_dir: str = "outputs/demo", quick: bool = False, steps: int | None = None, device: str | None = None,
-             backend: str = "auto", frames: int | None = None, progress: bool = True, timings: bool = True) -> Dict:
-    from . import metrics
+             backend: str = "auto", frames: int | None = None, progress: bool = True, timings: bool = True,
+             train_model: bool = False, model_path: str | None = None, scenes: int = 8) -> Dict:
+    """See the module docstring. Returns the paths written and the held-out scores."""
+    import json
+
     from .cameras import CANONICAL_PITCH, CANONICAL_YAW, front_circle
     from .config import apply_overrides, preset
     from .export import depth_mesh, extract_mesh, save_mesh
+    from .heldout import format_scores, held_out_indices, score
     from .infer import load, write_views
-    from .losses import _vgg16_file
-    from .synthetic import held_out_scene, render_view
+    from .synthetic import make_scene, render_view
     from .train import train
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    steps = steps or (3 if quick else DEMO_STEPS)
-    over = [f"train.steps={steps}", f"train.save_every={steps}", f"train.image_every={steps}",
-            f"train.log_every={max(1, steps // 20)}", f"render.backend={backend}", f"train.device={dev}"]
-    if not quick:
-        over += ["schedule.lr=1e-3"]
-    if _vgg16_file("") is None:
-        print("\n*** no VGG16 weights found (loss.vgg_weights or $TORCH_HOME/hub/checkpoints/vgg16-397923af.pth):\n"
-              "*** the demo trains with a RANDOM VGG for LPIPS. Perceptual losses are not meaningful. ***\n")
-        over.append("loss.allow_random_init=true")
-    cfg = apply_overrides(preset("tiny" if quick else "small"), over)
-    t0 = time.perf_counter()
-    summary = train(cfg, out / "run", resume="auto", progress=progress)
-    t_train = time.perf_counter() - t0
-    print(f"trained {cfg.train.steps} steps of the {'tiny' if quick else 'small'} preset in {t_train:.0f} s "
-          f"-> {out / 'run'}")
-
-    model = load(out / "run", device=str(dev), backend=backend)
+    result: Dict = {}
+    if quick or train_model:
+        name = "tiny" if quick else "fast"
+        cfg = preset(name)
+        over = [f"render.backend={backend}", f"train.device={dev}"]
+        over += [f"train.steps={steps or (3 if quick else cfg.train.steps)}"]
+        cfg = apply_overrides(cfg, over)
+        t0 = time.perf_counter()
+        summary = train(cfg, out / "run", resume="auto", progress=progress)
+        result.update(train_seconds=time.perf_counter() - t0, steps=summary["step"], run=str(out / "run"))
+        print(f"trained {summary['step']} steps of the {name} preset in {result['train_seconds']:.0f} s "
+              f"-> {out / 'run'}")
+        source = out / "run"
+    else:
+        source = Path(model_path) if model_path else MODEL
+        if not source.exists():
+            raise FileNotFoundError(f"model not found: {source} (the repository ships it under models/; "
+                                    f"`g3dr demo --train` trains one instead)")
+        print(f"model: {source}")
+    model = load(source, device=str(dev), backend=backend)
+    cfg = model.cfg
     res = cfg.model.image_size
-    scene = held_out_scene(cfg.data.synthetic_seed)
-    truth = render_view(scene, resolution=res, radius=cfg.render.radius, fov=cfg.render.fov)
-    planes = model.reconstruct(truth["rgb"].float()[None], truth["depth"].float()[None])
+    n_scenes = 2 if quick else scenes
+    seed = cfg.data.synthetic_seed
+    held = [make_scene(i, seed) for i in held_out_indices(n_scenes)]
 
-    # turntable: the official visualiser's front circle
+    # pictures: input, reconstruction, novel views beside the truth, for four held-out scenes
+    heldout_picture(model, held[:4], out / "heldout.png")
+
+    # turntable of the first scene: the official visualiser's front circle
+    truth = render_view(held[0], resolution=res, radius=cfg.render.radius, fov=cfg.render.fov)
+    planes = model.reconstruct(truth["rgb"].float(), truth["depth"].float())
     n = frames or (8 if quick else 36)
     yaw, pitch = front_circle(n)
-    ns = dict(n_coarse=2 * cfg.render.n_coarse, n_fine=2 * cfg.render.n_fine)
-    views = model.render(planes, (yaw, pitch), res, **ns)
+    views = model.render(planes, (yaw, pitch), res)
     paths = write_views(views, out / "turntable", fps=12, frames=False)
     Image.fromarray(_strip(views, min(8, n))).save(out / "turntable.png")
 
-    # meshes: the canonical view as a depth mesh, and marching cubes of the density
-    canon = model.render(planes, (torch.tensor([CANONICAL_YAW]), torch.tensor([CANONICAL_PITCH])), res, **ns)
+    # meshes: the input view as a depth mesh, and marching cubes of the density
+    canon = model.render(planes, (torch.tensor([CANONICAL_YAW]), torch.tensor([CANONICAL_PITCH])), res)
     o, d = g3dr_rays(g3dr_cam2world(CANONICAL_YAW, CANONICAL_PITCH, cfg.render.radius), cfg.render.fov, res)
     save_mesh(depth_mesh(canon["rgb"][0].cpu(), canon["depth"][0, 0].cpu(), o[0], d[0], max_edge_jump=0.15),
               out / "depth_mesh.glb")
@@ -154,24 +202,18 @@ def run_demo(out_dir: str = "outputs/demo", quick: bool = False, steps: int | No
     except ValueError as e:  # an under-trained density may not cross the iso level anywhere
         mesh_note = f"no marching-cubes mesh ({e})"
 
-    # novel views against the scene's ground truth
-    rows = []
-    for dy in NOVEL_YAWS:
-        t = render_view(scene, CANONICAL_YAW + dy, CANONICAL_PITCH, resolution=res, radius=cfg.render.radius,
-                        fov=cfg.render.fov)
-        v = model.render(planes, (torch.tensor([CANONICAL_YAW + dy]), torch.tensor([CANONICAL_PITCH])), res, **ns)
-        mask = t["mask"]  # [1,H,W]: pixels whose true ray hits the scene
-        true_depth = torch.where(mask, t["depth"][0], torch.zeros(())).float()
-        rows.append(dict(yaw=dy, **metrics.view_metrics(v["rgb"].cpu(), t["rgb"].float()[None], v["depth"][:, 0].cpu(),
-                                                        true_depth, mask=mask)))
-    print(f"\nheld-out scene, reconstructed from its canonical RGB-D view ({res}x{res}); novel views vs ground truth:")
-    print(f"{'yaw offset':>10} {'PSNR dB':>8} {'depth err mean':>15} {'median':>8}")
-    for r_ in rows:
-        print(f"{r_['yaw']:>+10.2f} {r_['psnr']:>8.2f} {r_['depth_abs_mean']:>15.4f} {r_['depth_abs_median']:>8.4f}")
-    print(f"\nwrote {out / 'turntable.png'}, {paths['mp4']}, {paths['gif']}, {out / 'depth_mesh.glb'}, {mesh_note}")
-
-    result = dict(run=str(out / "run"), png=str(out / "turntable.png"), mp4=str(paths["mp4"]), gif=str(paths["gif"]),
-                  novel_views=rows, train_seconds=t_train, steps=summary["step"])
+    # scores on the held-out scenes
+    t0 = time.perf_counter()
+    scores = score(model, n_scenes=n_scenes, progress=progress)
+    scores.update(model=str(source), seconds=round(time.perf_counter() - t0, 1))
+    (out / "scores.json").write_text(json.dumps(scores, indent=1))
+    print(f"\n{n_scenes} held-out scenes (never trained on), each reconstructed from its canonical RGB-D view "
+          f"({res}x{res}); novel views at yaw +-15, pitch +-5 degrees against ground truth:")
+    print(format_scores(scores["mean"]))
+    print(f"\nwrote {out / 'heldout.png'}, {out / 'scores.json'}, {out / 'turntable.png'}, {paths['mp4']}, "
+          f"{paths['gif']}, {out / 'depth_mesh.glb'}, {mesh_note}")
+    result.update(png=str(out / "turntable.png"), heldout_png=str(out / "heldout.png"), mp4=str(paths["mp4"]),
+                  gif=str(paths["gif"]), scores=scores["mean"], model=str(source))
     if timings:
         bench_res, samples = (16, 16) if quick else (48, 48)
         rows_t = time_backends(dev, bench_res, 30.0, samples)

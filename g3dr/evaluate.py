@@ -524,12 +524,13 @@ def machine_info() -> Dict[str, str]:
 # Printing
 # ---------------------------------------------------------------------------------------------
 
-_LABELS = [("psnr", "PSNR (novel) dB"), ("ssim", "SSIM (novel)"), ("lpips", "LPIPS (novel)"),
-           ("depth_abs_mean", "depth |err| mean"), ("depth_abs_median", "depth |err| median"),
-           ("psnr_canonical", "PSNR (canonical) dB"), ("nfs_canonical", "NFS (canonical)"),
-           ("nfs_novel", "NFS (novel)"), ("depth_accuracy_canonical", "depth acc. (canonical)"),
-           ("depth_accuracy_novel", "depth acc. (novel)"), ("iou", "IoU"), ("chamfer", "Chamfer-L1"),
-           ("fscore", "F-score"), ("fid", "FID"), ("kid", "KID"), ("inception_score", "IS")]
+# (metric, label, higher is better)
+_LABELS = [("psnr", "PSNR (novel) dB", True), ("ssim", "SSIM (novel)", True), ("lpips", "LPIPS (novel)", False),
+           ("depth_abs_mean", "depth |err| mean", False), ("depth_abs_median", "depth |err| median", False),
+           ("psnr_canonical", "PSNR (canonical) dB", True), ("nfs_canonical", "NFS (canonical)", True),
+           ("nfs_novel", "NFS (novel)", True), ("depth_accuracy_canonical", "depth acc. (canonical)", False),
+           ("depth_accuracy_novel", "depth acc. (novel)", False), ("iou", "IoU", True), ("chamfer", "Chamfer-L1", False),
+           ("fscore", "F-score", True), ("fid", "FID", False), ("kid", "KID", False), ("inception_score", "IS", True)]
 
 
 def _fmt(v) -> str:
@@ -543,8 +544,8 @@ def _fmt(v) -> str:
 def format_table(result: Dict) -> str:
     """A readable text table of an `evaluate` result: the metrics at s = 1, per view, per sigma scale, notes."""
     m = result["metrics"]
-    lines = [f"{'metric':<26}{'value':>12}"]
-    lines += [f"{label:<26}{_fmt(m[k]):>12}" for k, label in _LABELS if k in m]
+    lines = [f"{'metric':<26}{'value':>12}  better"]
+    lines += [f"{label:<26}{_fmt(m[k]):>12}  {'higher' if up else 'lower'}" for k, label, up in _LABELS if k in m]
     pv = result.get("per_view") or []
     if pv:
         keys = [k for k in ("psnr", "ssim", "lpips", "depth_abs_mean", "nfs", "depth_accuracy") if k in pv[0]]

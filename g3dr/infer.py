@@ -136,7 +136,8 @@ def _robust_range(values: torch.Tensor) -> Tuple[float, float]:
 
 
 def render_inputs(ckpt, inputs, out, *, depth=None, depth_model_dir=None, trajectory_spec: str = "front",
-                  n_frames: int = 48, resolution: Optional[int] = None, n_coarse: int = 64, n_fine: int = 64,
+                  n_frames: int = 48, resolution: Optional[int] = None, n_coarse: Optional[int] = None,
+                  n_fine: Optional[int] = None,
                   sigma_scale: float = 1.0, chunk: int = 16384, device: Optional[str] = None,
                   backend: Optional[str] = None, fps: float = 12.0, progress: bool = True) -> List[Dict]:
     """`g3dr render`: every input image -> out/<name>/ (frames, video.mp4, video.gif, planes.pt)."""

@@ -324,9 +324,16 @@ class G3DR(nn.Module):
         self.renderer.kernel = DepthKernel(r.kernel_s1, r.kernel_s2, r.kernel_c_min, r.kernel_c_max) if on else _NO_KERNEL
 
     @torch.no_grad()
-    def reconstruct(self, image: torch.Tensor, depth: torch.Tensor) -> torch.Tensor:
+    def reconstruct(self, image, depth) -> torch.Tensor:
         """image [B,3,H,W] (or [3,H,W]) in [0,1], depth [B,1,H,W] (or [1,H,W] / [H,W]) in G3DR units,
-        at the model's resolution -> planes [B,3,C,H,W]."""
+        at the model's resolution -> planes [B,3,C,H,W]. image and depth may also be file paths (an image,
+        and its G3DR depth file: 16-bit PNG or .npy), read and fitted to the model's size as
+        `g3dr render` does."""
+        if isinstance(image, (str, Path)) or isinstance(depth, (str, Path)):
+            if not (isinstance(image, (str, Path)) and isinstance(depth, (str, Path))):
+                raise TypeError("reconstruct: give image and depth both as tensors or both as file paths")
+            from .data import load_pair
+            image, depth = load_pair(Path(image), Path(depth), self.cfg.model.image_size)
         image = image[None] if image.dim() == 3 else image
         depth = depth[None, None] if depth.dim() == 2 else (depth[None] if depth.dim() == 3 else depth)
         s = self.cfg.model.image_size
@@ -338,6 +345,10 @@ class G3DR(nn.Module):
         dev = next(self.parameters()).device
         return self.planes(image.to(dev).float(), depth.to(dev).float())
 
+    def still_samples(self) -> Tuple[int, int]:
+        """Default (n_coarse, n_fine) for stills, videos and scores: twice the training counts."""
+        return 2 * self.cfg.render.n_coarse, 2 * self.cfg.render.n_fine
+
     @torch.no_grad()
     def render(self, planes: torch.Tensor, cameras, resolution: Optional[int] = None, *, n_coarse: Optional[int] = None,
                n_fine: Optional[int] = None, sigma_scale: float = 1.0, chunk: int = 16384,
@@ -345,8 +356,9 @@ class G3DR(nn.Module):
         """planes [1 or N,3,C,H,W]; cameras: cam2world [N,4,4] (G3DR's OpenGL frame) or a (yaw [N], pitch [N])
         pair in radians -> {"rgb" [N,3,R,R] in [0,1], "depth" [N,1,R,R], "opacity" [N,1,R,R]}, R = resolution
         (default: the training resolution). Chunked over rays, so any resolution fits in memory.
-        sigma_scale multiplies the density field (the paper's Table S1), exactly: rays are rescaled."""
-        from g3dr_kernels.cameras import g3dr_cam2world, g3dr_rays
+        n_coarse, n_fine: samples per ray (default: twice the training counts, `still_samples`; `g3dr render`
+        uses the same). sigma_scale multiplies the density field (the paper's Table S1), exactly: rays are
+        rescaled."""
         r = self.cfg.render
         res = resolution or self.cfg.model.image_size
         dev = planes.device
@@ -360,7 +372,9 @@ class G3DR(nn.Module):
         if not (sigma_scale > 0 and math.isfinite(sigma_scale)):
             raise ValueError(f"render: sigma_scale must be a finite number > 0, got {sigma_scale}")
         # stills: "uniform" sampling, which is deterministic in eval mode (EG3D's always jitters: flicker)
-        renderer = self.make_renderer(n_coarse, n_fine, backend, sampling="uniform").eval()
+        dc, df = self.still_samples()
+        renderer = self.make_renderer(dc if n_coarse is None else n_coarse, df if n_fine is None else n_fine, backend,
+                                      sampling="uniform").eval()
         rays_o, rays_d = g3dr_rays(cameras.to(dev).float(), r.fov, res)
         rays_d = rays_d / sigma_scale  # density x s == the same field along rays s times slower (depth x s)
         outs = {"rgb": [], "depth": [], "opacity": []}

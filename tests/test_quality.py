@@ -1,0 +1,206 @@
+"""The learning-3D work: plane layout, training diagnostics on cases with known answers, the free-space
+term, held-out scoring, fine-tuning (--init), short-run outputs, and the shipped model itself."""
+import json
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from g3dr.cli import main
+from g3dr.config import apply_overrides, preset
+from g3dr.depthio import write_depth_png
+from g3dr.heldout import covisible, held_out_indices, opacity_in_front, score_scene
+from g3dr.losses import free_space_loss
+from g3dr.metrics import depth_split
+from g3dr.model import G3DR, image_plane_orientation, orient_planes
+from g3dr.synthetic import cast, make_scene, render_view
+from g3dr.train import init_weights, interval, train
+from g3dr_kernels import reference
+from g3dr_kernels.cameras import g3dr_cam2world, g3dr_rays
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = REPO / "models" / "g3dr-fast-synthetic.safetensors"
+
+
+@pytest.fixture(autouse=True)
+def _quiet_random_init_warnings():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*RANDOM.*")
+        yield
+
+
+# ------------------------------------------------------------------------------------ plane layout
+def _index_grid(H):
+    r = torch.arange(H, dtype=torch.float64)
+    return torch.stack([r[:, None].expand(H, H), r[None, :].expand(H, H)])  # channels: row index, column index
+
+
+@pytest.mark.parametrize("axes", ["xyz", "eg3d"])
+def test_image_layout_lines_planes_up_with_the_image(axes):
+    """Sampling the turned grids at the canonical pixels' 3D points: a plane axis driven by image rows
+    reads back the grid's row index increasing with the image row, likewise columns; the leftover grid
+    axis increases with depth along the view."""
+    H, n = 32, 8
+    planes = orient_planes(_index_grid(H)[None, None].expand(1, 3, 2, H, H), image_plane_orientation(axes, 5.0, 18.0))
+    o, d = g3dr_rays(g3dr_cam2world(math.pi / 2, math.pi / 2, 5.0, dtype=torch.float64), 18.0, n)
+
+    def read(t):
+        uv = reference.project(o + t * d, 2.0, axes)[0]                       # [3, N, 2]
+        s = torch.nn.functional.grid_sample(planes[0], uv[:, None], align_corners=False)  # [3, 2, 1, N]
+        return s[:, :, 0].reshape(3, 2, n, n)                                 # plane, channel, image row, col
+
+    near, far = read(4.7), read(5.3)
+    for p in range(3):
+        for ch in range(2):
+            along_rows = near[p, ch, -1, :].mean() - near[p, ch, 0, :].mean()
+            along_cols = near[p, ch, :, -1].mean() - near[p, ch, :, 0].mean()
+            along_depth = (far[p, ch] - near[p, ch]).mean()
+            moves = {"row": along_rows, "col": along_cols, "depth": along_depth}
+            axis = max(moves, key=lambda k: abs(float(moves[k])))
+            assert moves[axis] > 0, (axes, p, ch, moves)  # never flipped
+            if axis != "depth":  # a grid axis that follows an image axis follows the one it is named after
+                assert axis == ("row" if ch == 0 else "col"), (axes, p, ch, moves)
+    if axes == "xyz":  # the (y, z) plane faces the camera: both grid axes follow the image
+        assert abs(float((far[2] - near[2]).mean())) < 0.5
+
+
+def test_native_layout_is_the_generator_output():
+    torch.manual_seed(0)
+    cfg = preset("tiny")
+    m = G3DR(cfg).eval()
+    img, dep = torch.rand(1, 3, 16, 16), torch.full((1, 1, 16, 16), 5.0)
+    assert m.orientation is None
+    assert torch.equal(m.planes(img, dep), m.generator(img * 2 - 1, dep).float())
+    cfg = apply_overrides(cfg, ["model.plane_layout=image", "render.plane_axes=xyz"])
+    torch.manual_seed(0)
+    m2 = G3DR(cfg).eval()
+    grid = m2.generator(img * 2 - 1, dep).float()
+    assert torch.equal(m2.planes(img, dep), orient_planes(grid, m2.orientation))
+    assert not torch.equal(m2.planes(img, dep), grid)
+
+
+# ------------------------------------------------------------------------------------ diagnostics
+def test_depth_split_known_answers():
+    true = torch.full((2, 10), 5.0)
+    objects = torch.zeros(2, 10, dtype=torch.bool)
+    objects[:, :4] = True
+    perfect = depth_split(true.clone(), true, objects)
+    assert perfect["depth_err_obj"] == 0 and perfect["depth_err_bg"] == 0 and perfect["fog_obj"] == 0
+    sheet = true.clone()
+    sheet[:, :4] = 4.5                      # an opaque sheet 0.5 in front of every object pixel
+    sheet[:, 4:] = 5.2                      # the background 0.2 behind
+    f = depth_split(sheet, true, objects)
+    assert f["fog_obj"] == 1 and f["behind_obj"] == 0
+    assert f["depth_err_obj"] == pytest.approx(0.5) and f["depth_err_bg"] == pytest.approx(0.2)
+    half = true.clone()
+    half[:, :2] = 4.95                      # inside the margin: not fog
+    half[:, 2:4] = 4.8
+    assert depth_split(half, true, objects)["fog_obj"] == pytest.approx(0.5)
+    assert math.isnan(depth_split(true, true, torch.ones_like(objects))["depth_err_bg"])
+
+
+def test_free_space_loss_counts_only_what_lies_in_front():
+    t_mid = torch.linspace(4.0, 6.0, 21).expand(1, 4, 21)
+    depth = torch.full((1, 1, 2, 2), 5.0)
+    at_target = torch.zeros(1, 4, 21)
+    at_target[..., 10] = 1.0                # all weight at t = 5.0
+    assert free_space_loss(at_target, t_mid, depth, 0.05) == 0
+    in_front = torch.zeros(1, 4, 21)
+    in_front[..., 3] = 0.7                  # t = 4.3: fog
+    in_front[..., 10] = 0.3
+    assert free_space_loss(in_front, t_mid, depth, 0.05) == pytest.approx(0.7)
+
+
+def test_covisible_and_opacity_in_front():
+    scene = make_scene(3)
+    c2w = g3dr_cam2world(math.pi / 2, math.pi / 2, 5.0, dtype=torch.float64)
+    o, d = g3dr_rays(c2w, 18.0, 24)
+    hit = cast(scene, o[0], d[0])
+    assert bool(covisible(scene, hit["points"], hit["mask"], 5.0, 18.0, 24).eq(hit["mask"]).all())  # the input view
+    c2w = g3dr_cam2world(math.pi / 2 + math.radians(30), math.pi / 2, 5.0, dtype=torch.float64)
+    o, d = g3dr_rays(c2w, 18.0, 24)
+    hit = cast(scene, o[0], d[0])
+    cov = covisible(scene, hit["points"], hit["mask"], 5.0, 18.0, 24)
+    assert 0.3 < float(cov.double().mean()) < 1.0     # a side view sees parts the input does not
+    # opacity in front: a model whose density is huge everywhere is opaque before any surface; a
+    # model with no density is transparent
+    m = G3DR(preset("tiny")).eval()
+    planes = torch.zeros(1, 3, 8, 16, 16)
+    o, d = g3dr_rays(g3dr_cam2world(math.pi / 2, math.pi / 2, 5.0), 18.0, 4)
+    stop = torch.full((1, 16), 5.5)
+    with torch.no_grad():
+        m.decoder.bias2.zero_()
+        m.decoder.bias2[0] = 50.0
+        assert float(opacity_in_front(m, planes, o, d, stop).min()) > 0.99
+        m.decoder.bias2[0] = -50.0
+        assert float(opacity_in_front(m, planes, o, d, stop).max()) < 1e-6
+
+
+# ------------------------------------------------------------------------------------ training
+def _tiny(*extra):
+    return apply_overrides(preset("tiny"), ["train.log_every=1", *extra])
+
+
+def test_short_run_writes_images_curves_and_checkpoints(tmp_path):
+    cfg = _tiny("train.steps=4", "train.image_every=500", "train.save_every=500")
+    train(cfg, tmp_path / "run", progress=False)
+    imgs = sorted(p.name for p in (tmp_path / "run" / "images").iterdir())
+    assert imgs and imgs[-1] == "step_00000004.png"
+    assert Image.open(tmp_path / "run" / "curves.png").size[0] > 200
+    assert (tmp_path / "run" / "checkpoints" / "step_00000004.pt").is_file()
+    rows = [json.loads(x) for x in open(tmp_path / "run" / "stats.jsonl")]
+    canon = [r for r in rows if r["branch"] == "canon"]
+    assert canon and all("depth_err_obj" in r and "fog_obj" in r and "opacity_mean" in r for r in canon)
+    assert interval(500, 4, 6) == 1 and interval(250, 3000, 6) == 250
+
+
+def test_init_starts_from_the_weights_with_a_fresh_optimizer(tmp_path):
+    src = _tiny("train.steps=3")
+    train(src, tmp_path / "src", progress=False)
+    # lr so small that one Adam step cannot move a parameter measurably: the run's weights are the source's
+    cfg = _tiny("train.steps=1", "schedule.lr_schedule=constant", "schedule.lr=1e-12", "train.seed=7")
+    train(cfg, tmp_path / "ft", progress=False, init=str(tmp_path / "src"))
+    a = torch.load(tmp_path / "src" / "checkpoints" / "last.pt", weights_only=False)
+    b = torch.load(tmp_path / "ft" / "checkpoints" / "last.pt", weights_only=False)
+    for k, v in a["model"].items():
+        assert torch.allclose(v.float(), b["model"][k].float(), atol=1e-8), k
+    steps = {int(s["step"]) for s in b["optimizer"]["state"].values()}
+    assert steps == {1} and b["step"] == 1          # a fresh optimizer: one update, not 3 + 1
+    fresh = G3DR(cfg)
+    assert any(not torch.equal(fresh.state_dict()[k], v) for k, v in a["model"].items())
+    with pytest.raises(ValueError, match="do not fit"):
+        init_weights(G3DR(apply_overrides(preset("tiny"), ["model.plane_channels=4"])), tmp_path / "src")
+
+
+def test_max_steps_sets_the_schedule(tmp_path):
+    main(["train", "--config", "tiny", "--out", str(tmp_path / "r"), "--quiet", "--max-steps", "2"])
+    ck = torch.load(tmp_path / "r" / "checkpoints" / "last.pt", weights_only=False)
+    assert ck["step"] == 2 and ck["config"]["train"]["steps"] == 2
+
+
+def test_reconstruct_takes_paths(tmp_path):
+    torch.manual_seed(0)
+    m = G3DR(preset("tiny")).eval()
+    v = render_view(make_scene(1), resolution=16)
+    img = (v["rgb"].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    Image.fromarray(img).save(tmp_path / "x.png")
+    write_depth_png(tmp_path / "x_depth.png", v["depth"][0].float())
+    from g3dr.data import load_pair
+    im, dp = load_pair(tmp_path / "x.png", tmp_path / "x_depth.png", 16)
+    assert torch.equal(m.reconstruct(str(tmp_path / "x.png"), tmp_path / "x_depth.png"), m.reconstruct(im, dp))
+    with pytest.raises(TypeError):
+        m.reconstruct(str(tmp_path / "x.png"), dp)
+
+
+# ------------------------------------------------------------------------------------ the shipped model
+@pytest.mark.skipif(not SHIPPED.is_file(), reason=f"{SHIPPED} not in this checkout")
+def test_shipped_model_beats_a_flat_plane_on_a_held_out_scene():
+    from g3dr.infer import load
+    model = load(SHIPPED, device="cpu")
+    s = score_scene(model, make_scene(held_out_indices(1)[0], model.cfg.data.synthetic_seed))
+    assert s["depth_med_obj"] < s["flat_med_obj"] / 3
+    assert s["psnr_covis"] > 20
