@@ -129,7 +129,11 @@ def main(argv=None) -> None:
     ev.add_argument("--steps", type=int, default=60, help="ablation: training steps per model")
     ev.add_argument("--batch", type=int, default=2, help="ablation: batch size")
     ev.add_argument("--train-scenes", type=int, default=16, help="ablation: training scenes")
-    ev.add_argument("--variants", default="kernel,no_kernel", help="ablation: kernel,no_kernel[,no_depth]")
+    ev.add_argument("--variants", default="kernel,no_kernel,no_depth", help="ablation: kernel,no_kernel,no_depth")
+    ev.add_argument("--seeds", default="420,421,422", help="ablation: training seeds per arm")
+    ev.add_argument("--preset", default="fast", help="ablation: the preset every arm starts from")
+    ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="ablation: a config override for every arm (repeatable), e.g. --set model.image_size=32")
     ev.add_argument("--work", default="outputs/fidelity", help="ablation: folder for the training runs")
     args, extra = p.parse_known_args(argv)
     # section.key=value overrides may stand anywhere among the options
@@ -207,11 +211,14 @@ def main(argv=None) -> None:
         from . import evaluate as E
         try:
             if args.ablation:
-                report = E.ablation(args.out or "outputs/fidelity/report", args.work, steps=args.steps,
-                                    scenes=args.train_scenes, batch=args.batch,
-                                    variants=tuple(v for v in args.variants.split(",") if v),
-                                    eval_scenes=args.scenes, sigma_scales=args.sigma_scales, device=args.device)
-                print(E.ablation_markdown(report))
+                from .ablation import ablation, ablation_markdown
+                report = ablation(args.out or "outputs/fidelity/report", args.work, steps=args.steps,
+                                  scenes=args.train_scenes, batch=args.batch,
+                                  variants=tuple(v for v in args.variants.split(",") if v),
+                                  seeds=tuple(int(x) for x in args.seeds.split(",") if x.strip()),
+                                  preset_name=args.preset, eval_scenes=args.scenes, sigma_scales=args.sigma_scales,
+                                  device=args.device, overrides=tuple(args.set))
+                print(ablation_markdown(report))
             else:
                 if args.ckpt is None:
                     p.error("--ckpt is required (or --ablation)")

@@ -8,6 +8,7 @@ pitch +-5 deg) are rendered at the model's resolution and compared with the ray-
   psnr_all        PSNR over every pixel of the novel view
   psnr_covis      PSNR over the pixels whose true surface point the input view also sees
   depth_med_obj   median |depth error| over the pixels that see an object (not the wall)
+  depth_med_bg    the same over the pixels that see the wall
   flat_med_obj    the same for a flat plane at the median input depth (the baseline to beat)
   fog_obj         fraction of object pixels predicted more than FOG_MARGIN in front of the truth
   opacity_front   mean opacity accumulated in front of (truth - FOG_MARGIN) on object pixels
@@ -32,6 +33,7 @@ from .synthetic import Scene, cast, make_scene, render_view
 HELD_OUT_FIRST = 10 ** 6
 NOVEL_OFFSETS = tuple((dy, dp) for dy in (-15.0, 15.0) for dp in (-5.0, 5.0))   # degrees around the canonical view
 DIRECTION = {"psnr_all": "higher", "psnr_covis": "higher", "canon_psnr": "higher", "depth_med_obj": "lower",
+             "depth_med_bg": "lower",
              "flat_med_obj": "lower", "fog_obj": "lower", "opacity_front": "lower", "canon_depth_med": "lower",
              "depth_ratio_to_flat": "lower"}
 
@@ -124,6 +126,9 @@ def score_scene(model, scene: Scene, offsets: Sequence[Tuple[float, float]] = NO
                "psnr_all": _psnr(p_rgb, t_rgb, torch.ones(res, res, dtype=torch.bool)),
                "psnr_covis": _psnr(p_rgb, t_rgb, cov), "covis_fraction": float(cov.double().mean()),
                "object_fraction": float(obj.double().mean())}
+        bg = hit["mask"].reshape(res, res) & ~obj
+        if bool(bg.any()):
+            row["depth_med_bg"] = float(err[bg].median())
         if bool(obj.any()):
             row.update(depth_med_obj=float(err[obj].median()), flat_med_obj=float(flat_err[obj].median()),
                        fog_obj=float((p_dep[obj] < t_dep[obj] - FOG_MARGIN).double().mean()),
@@ -133,7 +138,7 @@ def score_scene(model, scene: Scene, offsets: Sequence[Tuple[float, float]] = NO
             views.append({"pred_rgb": p_rgb, "pred_depth": p_dep.float(), "true_rgb": t_rgb,
                           "true_depth": torch.where(hit["mask"].reshape(res, res), t_dep, torch.zeros(())).float(),
                           "objects": obj, "covis": cov})
-    for k in ("psnr_all", "psnr_covis", "depth_med_obj", "flat_med_obj", "fog_obj", "opacity_front"):
+    for k in ("psnr_all", "psnr_covis", "depth_med_obj", "depth_med_bg", "flat_med_obj", "fog_obj", "opacity_front"):
         vals = [r[k] for r in rows if k in r and math.isfinite(r[k])]
         out[k] = sum(vals) / len(vals) if vals else float("nan")
     out["views"] = rows

@@ -10,7 +10,8 @@ import torch
 
 from g3dr import metrics as M
 from g3dr.config import apply_overrides, preset
-from g3dr.evaluate import ALL_METRICS, GroundTruth, ablation, evaluate, format_table
+from g3dr.ablation import ablation
+from g3dr.evaluate import ALL_METRICS, GroundTruth, evaluate, format_table
 from g3dr.export import density_grid
 from g3dr.train import train
 
