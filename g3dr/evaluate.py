@@ -44,9 +44,9 @@ import torch
 from . import metrics as M
 from .cameras import CANONICAL_PITCH, CANONICAL_YAW
 from .config import Config
+from .synthetic import HELD_OUT_FIRST
 
 ALL_METRICS = ("psnr", "ssim", "lpips", "depth", "nfs", "depth_accuracy", "geometry", "sigma_scaling", "fid")
-HELD_OUT_FIRST = 10 ** 6    # synthetic scene index of the first held-out scene (training uses 0..N-1)
 BEHIND_WALL_MARGIN = 0.05   # IoU box stops this far in front of the backdrop wall (see _iou_bbox)
 
 

@@ -28,9 +28,8 @@ from g3dr_kernels.cameras import g3dr_cam2world, g3dr_rays
 
 from .cameras import CANONICAL_PITCH, CANONICAL_YAW
 from .metrics import FOG_MARGIN
-from .synthetic import Scene, cast, make_scene, render_view
+from .synthetic import HELD_OUT_FIRST, Scene, cast, make_scene, render_view
 
-HELD_OUT_FIRST = 10 ** 6
 NOVEL_OFFSETS = tuple((dy, dp) for dy in (-15.0, 15.0) for dp in (-5.0, 5.0))   # degrees around the canonical view
 DIRECTION = {"psnr_all": "higher", "psnr_covis": "higher", "canon_psnr": "higher", "depth_med_obj": "lower",
              "depth_med_bg": "lower",
@@ -166,10 +165,10 @@ def score(model, n_scenes: int = 8, seed: Optional[int] = None, offsets: Sequenc
         vals = [s[k] for s in scenes if k in s and math.isfinite(s[k])]
         mean[k] = sum(vals) / len(vals) if vals else float("nan")
     mean["depth_ratio_to_flat"] = mean["depth_med_obj"] / mean["flat_med_obj"] if mean["flat_med_obj"] else float("nan")
-    r = model.cfg.render
     setup = {"scenes": n_scenes, "family_seed": seed, "indices": f"{idx[0]}..{idx[-1]}", "offsets_deg": list(offsets),
              "resolution": model.cfg.model.image_size,
-             "n_coarse": n_coarse or r.n_coarse, "n_fine": r.n_fine if n_fine is None else n_fine}
+             "n_coarse": n_coarse or model.still_samples()[0],
+             "n_fine": model.still_samples()[1] if n_fine is None else n_fine}
     return {"mean": mean, "scenes": scenes, "setup": setup}
 
 

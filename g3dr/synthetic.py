@@ -21,6 +21,7 @@ import torch
 
 from g3dr_kernels.cameras import g3dr_cam2world, g3dr_rays
 
+HELD_OUT_FIRST = 10 ** 6   # index of the first held-out scene of a family (training sets use 0..n-1)
 BACKDROP_X = 0.8      # the wall x = 0.8, facing the canonical camera (which sits at x = -5)
 WALL_HALF = 1.0       # the wall spans |y|, |z| <= 1 (the box)
 _LIGHT = torch.tensor([-0.6, 0.7, -0.4]) / math.sqrt(0.6 ** 2 + 0.7 ** 2 + 0.4 ** 2)
@@ -202,5 +203,5 @@ class SyntheticDataset(torch.utils.data.Dataset):
 
 
 def held_out_scene(seed: int = 0) -> Scene:
-    """A scene outside every training set of family `seed` (index 10^6)."""
-    return make_scene(10 ** 6, seed)
+    """A scene outside every training set of family `seed` (index HELD_OUT_FIRST)."""
+    return make_scene(HELD_OUT_FIRST, seed)
