@@ -70,7 +70,9 @@ def build_command(capability) -> Tuple[List[str], Dict[str, str]]:
 def gpu_tests_command(out: Path) -> Tuple[List[str], Dict[str, str]]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""))
-    cmd = [sys.executable, "-m", "pytest", "tests", "-q", "-rfE", "-p", "no:cacheprovider",
+    # -v: one line per test with its outcome, so a run the watchdog cuts short still names what failed
+    # (the summary and the junit file are written only at the end); -x is not used: every failure counts
+    cmd = [sys.executable, "-m", "pytest", "tests", "-v", "-rfE", "-p", "no:cacheprovider",
            "--continue-on-collection-errors", "-k", TEST_SELECTION,
            f"--junitxml={out / 'tests.xml'}"]
     return cmd, env
