@@ -304,6 +304,12 @@ def plot_ablation(report: Dict, path: Union[str, Path]) -> Path:
     m = report["meta"]
     fig.suptitle(f"depth-kernel ablation: {m['preset']} preset, {m['steps']} steps x batch {m['batch']}, "
                  f"{m['scenes']} scenes; {m['eval_scenes']} held-out scenes")
+    return _save_figure(fig, path)
+
+
+def _save_figure(fig, path: Union[str, Path]) -> Path:
+    """Write a matplotlib figure as PNG atomically (temp name, then rename) and close it."""
+    import matplotlib.pyplot as plt
     fig.tight_layout()
     path = Path(path)
     tmp = path.with_name(f".{path.stem}.tmp.png")
@@ -342,10 +348,4 @@ def plot_seeds(report: Dict, path: Union[str, Path]) -> Optional[Path]:
     m = report["meta"]
     fig.suptitle(f"depth-kernel ablation, mean +- spread over seeds {m.get('seeds')}: {m['preset']}, {m['steps']} "
                  f"steps x batch {m['batch']}", fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return _save_figure(fig, path)
