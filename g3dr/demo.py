@@ -107,7 +107,8 @@ def run_demo(out_dir: str = "outputs/demo", quick: bool = False, steps: int | No
     from .synthetic import held_out_scene, render_view
     from .train import train
 
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from .infer import pick_device
+    dev = pick_device(device)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     steps = steps or (3 if quick else DEMO_STEPS)
