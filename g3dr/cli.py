@@ -143,7 +143,8 @@ def main(argv=None) -> None:
     try:
         _dispatch(args, p)
     except Exception as err:
-        if not isinstance(err, user_errors()):
+        cpu_oom = isinstance(err, RuntimeError) and "can't allocate memory" in str(err)  # the CPU allocator's
+        if not (isinstance(err, user_errors()) or cpu_oom):
             raise
         print(f"g3dr {args.cmd}: error: {one_line(err)}", file=sys.stderr)
         raise SystemExit(2)
@@ -167,7 +168,7 @@ def one_line(err: BaseException) -> str:
     text = str(err)
     if isinstance(err, OSError) and len(err.args) == 2 and isinstance(err.args[1], str):
         text = err.args[1]  # OSError(errno, message): str() would prefix "[Errno N]"
-    if type(err).__name__ == "OutOfMemoryError":
+    if type(err).__name__ == "OutOfMemoryError" or "can't allocate memory" in text:
         text = f"out of memory ({text.strip().splitlines()[0] if text.strip() else ''}); use a smaller batch, " \
                f"resolution or --chunk"
     return " ".join(part.strip() for part in text.strip().splitlines() if part.strip()) or type(err).__name__

@@ -156,6 +156,19 @@ def check_out(out) -> None:
         raise PermissionError(f"--out {out}: {probe} is not writable; choose a writable folder")
 
 
+def check_size(cfg, device) -> None:
+    """ValueError before building anything when the model's resolution could not fit in memory (a lower
+    bound: the positional embedding, one batch of planes and their gradient, the sample depths, float32)."""
+    from .infer import check_memory
+    m, r, b = cfg.model, cfg.render, cfg.train.batch_size
+    px = m.image_size ** 2
+    samples = r.n_coarse + max(r.n_fine, r.n_target) + (r.n_target if r.target_mode == "add" else 0)
+    nbytes = 4 * (m.pos_channels * px + 2 * b * 3 * m.plane_channels * px
+                  + b * px * samples * 3)
+    check_memory(nbytes, f"model.image_size={m.image_size} at batch {b}", "use a smaller model.image_size, "
+                 "train.batch_size or fewer samples", device)
+
+
 def _occupied(out: Path) -> bool:
     return out.is_dir() and any((out / n).exists() for n in ("checkpoints", "stats.jsonl"))
 

@@ -98,6 +98,7 @@ def train(cfg: Config, out_dir, resume: str = "auto", overwrite: bool = False, p
 def _train(cfg: Config, out_dir, resume: str, overwrite: bool, progress: bool, max_steps: Optional[int]) -> Dict:
     world, rank, local_rank = _dist_env()
     device = _device(cfg, local_rank)
+    runs.check_size(cfg, device)
     if world > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)

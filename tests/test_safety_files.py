@@ -82,7 +82,7 @@ def _exit2(argv, capsys):
         main(argv)
     err = capsys.readouterr().err
     assert e.value.code == 2, err
-    lines = [x for x in err.splitlines() if x.strip()]
+    lines = [x for x in err.splitlines() if x.strip() and "it/s]" not in x]  # tqdm progress bars aside
     assert len(lines) == 1 and "Traceback" not in err, err
     return lines[0]
 
