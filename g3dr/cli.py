@@ -3,10 +3,14 @@
   g3dr demo [--quick]            the main job (see g3dr/demo.py)
   g3dr train --config P --data D --out RUN [key=value ...]   (torchrun ... -m g3dr train ... for DDP)
   g3dr render --ckpt RUN --input IMG|DIR --out DIR           views, video, depth maps, planes
-  g3dr export --ckpt RUN --input IMG|planes.pt --out mesh.glb  meshes, depth mesh, voxels
+  g3dr export --ckpt RUN --input IMG|planes.safetensors --out mesh.glb  meshes, depth mesh, voxels
   g3dr depth DIR --model DEPTH_MODEL_DIR                     name_depth.png for every image
   g3dr generate --prompt TEXT|--class N --ldm3d DIR --ckpt RUN --out DIR   text -> RGB-D -> 3D
   g3dr eval --ckpt RUN [--data synthetic|DIR] [--out DIR] | g3dr eval --ablation   metrics, eval.json
+  g3dr convert OLD.pt NEW.pt|NEW.safetensors --trust        old pickled files -> formats that load safely
+
+--ckpt takes a run folder, a checkpoint file (.pt) or a model file (.safetensors). A user error (a bad
+value, path, device, a full disk, a permission) prints one line on stderr and exits with code 2.
 """
 from __future__ import annotations
 
@@ -23,7 +27,8 @@ def _train_parser(sub):
                                                 "(default: the config's data.source)")
     t.add_argument("--out", required=True, help="run folder (config.yaml, stats.jsonl, checkpoints/, images/)")
     t.add_argument("--resume", default="auto", help="auto (continue the run in --out if any), never, or a checkpoint")
-    t.add_argument("--overwrite", action="store_true", help="replace a previous run in --out")
+    t.add_argument("--overwrite", action="store_true", help="replace a previous run in --out (never resumes; the old "
+                   "run is removed only after the new config and data are checked)")
     t.add_argument("--max-steps", type=int, default=None, help="train this many steps: the same as train.steps=N "
                                                                  "(the schedule is fitted to N)")
     t.add_argument("--init", default=None, help="start from the weights of a model file, checkpoint or run folder "
@@ -34,7 +39,7 @@ def _train_parser(sub):
 
 
 def _input_args(q):
-    q.add_argument("--ckpt", required=True, help="g3dr run folder or checkpoint file")
+    q.add_argument("--ckpt", required=True, help="g3dr run folder, checkpoint (.pt) or model file (.safetensors)")
     q.add_argument("--depth", default=None, help="depth file for a single input (16-bit G3DR PNG or .npy); "
                                                  "default: name_depth.png beside the image")
     q.add_argument("--depth-model", default=None, help="local transformers depth model folder to estimate depth")
@@ -67,7 +72,7 @@ def main(argv=None) -> None:
     d.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     d.add_argument("--no-timings", action="store_true", help="skip the kernel timing table")
     _train_parser(sub)
-    r = sub.add_parser("render", help="image(s) (+ depth) -> triplanes -> frames, mp4, GIF, 16-bit depth, planes.pt")
+    r = sub.add_parser("render", help="image(s) (+ depth) -> triplanes -> frames, mp4, GIF, 16-bit depth, planes.safetensors")
     _input_args(r)
     r.add_argument("--input", required=True, help="an image or a folder of images")
     r.add_argument("--out", required=True, help="output folder (one subfolder per input)")
@@ -83,7 +88,7 @@ def main(argv=None) -> None:
     r.add_argument("--fps", type=float, default=12.0)
     e = sub.add_parser("export", help="triplanes -> mesh (.glb/.obj/.ply), depth mesh, voxels (.npy/.npz/.binvox)")
     _input_args(e)
-    e.add_argument("--input", required=True, help="an image (+ depth) or a planes.pt written by g3dr render")
+    e.add_argument("--input", required=True, help="an image (+ depth) or a planes.safetensors written by g3dr render")
     e.add_argument("--out", default=None, help="marching-cubes mesh file: .glb, .obj or .ply")
     e.add_argument("--resolution", type=int, default=256, help="density grid resolution")
     e.add_argument("--iso", type=float, default=10.0, help="density level of the surface (per world unit)")
@@ -135,6 +140,12 @@ def main(argv=None) -> None:
     ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="ablation: a config override for every arm (repeatable), e.g. --set model.image_size=32")
     ev.add_argument("--work", default="outputs/fidelity", help="ablation: folder for the training runs")
+    cv = sub.add_parser("convert", help="rewrite an old pickled checkpoint / planes.pt in a format that loads without "
+                                        "unpickling (UNPICKLES the old file: only for files you trust)")
+    cv.add_argument("old", help="old .pt file (g3dr checkpoint, planes.pt, or official G3DR checkpoint)")
+    cv.add_argument("new", help="new file: .pt (checkpoint / state dict) or .safetensors (model or planes file)")
+    cv.add_argument("--trust", action="store_true", help="I trust the source of OLD: loading it may run any code it "
+                                                         "contains")
     args, extra = p.parse_known_args(argv)
     # section.key=value overrides may stand anywhere among the options
     bad = [x for x in extra if x.startswith("-") or "=" not in x or getattr(args, "cmd", None) != "train"]
@@ -142,6 +153,42 @@ def main(argv=None) -> None:
         p.error(f"unrecognized arguments: {' '.join(bad)}")
     if extra:
         args.overrides = list(args.overrides) + extra
+    try:
+        _dispatch(args, p)
+    except Exception as err:
+        cpu_oom = isinstance(err, RuntimeError) and "can't allocate memory" in str(err)  # the CPU allocator's
+        if not (isinstance(err, user_errors()) or cpu_oom):
+            raise
+        print(f"g3dr {args.cmd}: error: {one_line(err)}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def user_errors() -> tuple:
+    """What a user can fix (a value, a path, a device, a full disk, a permission, memory): one line
+    and exit code 2. Anything else is a bug and keeps its traceback."""
+    import torch
+    from g3dr_kernels import BackendUnavailableError
+
+    from .runs import RunFolderError
+    return ValueError, OSError, RunFolderError, BackendUnavailableError, torch.OutOfMemoryError
+
+
+def one_line(err: BaseException) -> str:
+    """The error's message on one line (an OSError names its file and, where there is one, the fix)."""
+    if isinstance(err, OSError) and err.errno is not None and err.filename is not None:
+        from .files import os_error_message
+        return os_error_message(err, err.filename)
+    text = str(err)
+    if isinstance(err, OSError) and len(err.args) == 2 and isinstance(err.args[1], str):
+        text = err.args[1]  # OSError(errno, message): str() would prefix "[Errno N]"
+    if type(err).__name__ == "OutOfMemoryError" or "can't allocate memory" in text:
+        text = f"out of memory ({text.strip().splitlines()[0] if text.strip() else ''}); use a smaller batch, " \
+               f"resolution or --chunk"
+    return " ".join(part.strip() for part in text.strip().splitlines() if part.strip()) or type(err).__name__
+
+
+def _dispatch(args, p) -> None:
+    """Run the parsed command (user errors propagate to main, which prints them on one line)."""
     if args.cmd == "demo":
         from .demo import run_demo
         for name in ("steps", "frames", "scenes"):
@@ -162,35 +209,27 @@ def main(argv=None) -> None:
             v = getattr(args, name, None)
             if v is not None and v < (2 if name in ("n_coarse", "resolution", "voxel_res") else 1):
                 p.error(f"--{name.replace('_', '-')} is too small: {v}")
-        try:
-            if args.cmd == "render":
-                res = render_inputs(args.ckpt, args.input, args.out, depth=args.depth, depth_model_dir=args.depth_model,
-                                    trajectory_spec=args.trajectory, n_frames=args.frames, resolution=args.resolution,
-                                    n_coarse=args.n_coarse, n_fine=args.n_fine, sigma_scale=args.sigma_scale,
-                                    chunk=args.chunk, device=args.device, backend=args.backend, fps=args.fps)
-                for item in res:
-                    print(f"{item['input']} -> {item['out']} ({item['mp4']}, {item['gif']})")
-            else:
-                res = export_inputs(args.ckpt, args.input, args.out, depth=args.depth, depth_model_dir=args.depth_model,
-                                    resolution=args.resolution, iso=args.iso, crop=args.crop,
-                                    largest_component=args.largest, decimate=args.decimate,
-                                    depth_mesh_out=args.depth_mesh, voxels_out=args.voxels,
-                                    voxel_resolution=args.voxel_res, device=args.device, backend=args.backend)
-                for k, v in res.items():
-                    print(f"{k}: {v}")
-        except (ValueError, OSError) as err:
-            print(f"g3dr {args.cmd}: error: {err}", file=sys.stderr)
-            raise SystemExit(2)
+        if args.cmd == "render":
+            res = render_inputs(args.ckpt, args.input, args.out, depth=args.depth, depth_model_dir=args.depth_model,
+                                trajectory_spec=args.trajectory, n_frames=args.frames, resolution=args.resolution,
+                                n_coarse=args.n_coarse, n_fine=args.n_fine, sigma_scale=args.sigma_scale,
+                                chunk=args.chunk, device=args.device, backend=args.backend, fps=args.fps)
+            for item in res:
+                print(f"{item['input']} -> {item['out']} ({item['mp4']}, {item['gif']})")
+        else:
+            res = export_inputs(args.ckpt, args.input, args.out, depth=args.depth, depth_model_dir=args.depth_model,
+                                resolution=args.resolution, iso=args.iso, crop=args.crop,
+                                largest_component=args.largest, decimate=args.decimate,
+                                depth_mesh_out=args.depth_mesh, voxels_out=args.voxels,
+                                voxel_resolution=args.voxel_res, device=args.device, backend=args.backend)
+            for k, v in res.items():
+                print(f"{k}: {v}")
     elif args.cmd == "depth":
         from .depth import estimate_depth_folder
         if args.batch_size < 1:
             p.error(f"--batch-size must be >= 1, got {args.batch_size}")
-        try:
-            summary = estimate_depth_folder(args.input, args.out, model_dir=args.model, batch_size=args.batch_size,
-                                            device=args.device, overwrite=args.overwrite)
-        except (ValueError, OSError) as err:
-            print(f"g3dr depth: error: {err}", file=sys.stderr)
-            raise SystemExit(2)
+        summary = estimate_depth_folder(args.input, args.out, model_dir=args.model, batch_size=args.batch_size,
+                                        device=args.device, overwrite=args.overwrite)
         print(summary)
         if not summary.ok:
             raise SystemExit(1)
@@ -198,49 +237,43 @@ def main(argv=None) -> None:
         if (args.prompt is None) == (args.class_id is None):
             p.error("give exactly one of --prompt and --class")
         from .infer import generate_to_3d
-        try:
-            res = generate_to_3d(args.ldm3d, args.ckpt, args.out, prompt=args.prompt, class_id=args.class_id,
-                                 name=args.name, steps=args.steps, guidance=args.guidance, seed=args.seed,
-                                 size=args.size, n_frames=args.frames, mesh_out=args.mesh, device=args.device)
-        except (ValueError, OSError) as err:
-            print(f"g3dr generate: error: {err}", file=sys.stderr)
-            raise SystemExit(2)
+        res = generate_to_3d(args.ldm3d, args.ckpt, args.out, prompt=args.prompt, class_id=args.class_id,
+                             name=args.name, steps=args.steps, guidance=args.guidance, seed=args.seed,
+                             size=args.size, n_frames=args.frames, mesh_out=args.mesh, device=args.device)
         for k, v in res.items():
             print(f"{k}: {v}")
     elif args.cmd == "eval":
         from . import evaluate as E
-        try:
-            if args.ablation:
-                from .ablation import ablation, ablation_markdown
-                report = ablation(args.out or "outputs/fidelity/report", args.work, steps=args.steps,
-                                  scenes=args.train_scenes, batch=args.batch,
-                                  variants=tuple(v for v in args.variants.split(",") if v),
-                                  seeds=tuple(int(x) for x in args.seeds.split(",") if x.strip()),
-                                  preset_name=args.preset, eval_scenes=args.scenes, sigma_scales=args.sigma_scales,
-                                  device=args.device, overrides=tuple(args.set))
-                print(ablation_markdown(report))
-            else:
-                if args.ckpt is None:
-                    p.error("--ckpt is required (or --ablation)")
-                kw = {} if args.metrics is None else {"metrics": tuple(m for m in args.metrics.split(",") if m)}
-                result = E.evaluate(args.ckpt, args.data, n_scenes=args.scenes, sigma_scales=args.sigma_scales,
-                                    out=args.out, device=args.device, inception=args.inception, **kw)
-                print(E.format_table(result))
-        except (ValueError, OSError) as err:
-            print(f"g3dr eval: error: {err}", file=sys.stderr)
-            raise SystemExit(2)
+        if args.ablation:
+            from .ablation import ablation, ablation_markdown
+            report = ablation(args.out or "outputs/fidelity/report", args.work, steps=args.steps,
+                              scenes=args.train_scenes, batch=args.batch,
+                              variants=tuple(v for v in args.variants.split(",") if v),
+                              seeds=tuple(int(x) for x in args.seeds.split(",") if x.strip()),
+                              preset_name=args.preset, eval_scenes=args.scenes, sigma_scales=args.sigma_scales,
+                              device=args.device, overrides=tuple(args.set))
+            print(ablation_markdown(report))
+        else:
+            if args.ckpt is None:
+                p.error("--ckpt is required (or --ablation)")
+            kw = {} if args.metrics is None else {"metrics": tuple(m for m in args.metrics.split(",") if m)}
+            result = E.evaluate(args.ckpt, args.data, n_scenes=args.scenes, sigma_scales=args.sigma_scales,
+                                out=args.out, device=args.device, inception=args.inception, **kw)
+            print(E.format_table(result))
+    elif args.cmd == "convert":
+        from .checkpoint import convert
+        res = convert(args.old, args.new, trust=args.trust)
+        print(f"converted {args.old} ({res['kind']}) -> {res['out']}")
     elif args.cmd == "train":
         from .config import resolve
-        from .train import RunFolderError, train
+        from .train import train
         overrides = list(args.overrides) + ([f"data.source={args.data}"] if args.data else [])
+        if args.max_steps is not None and args.max_steps < 1:
+            raise ValueError(f"--max-steps must be >= 1, got {args.max_steps}")
         overrides += [f"train.steps={args.max_steps}"] if args.max_steps is not None else []
-        try:
-            cfg = resolve(args.config, overrides)
-            summary = train(cfg, args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet,
-                            init=args.init)
-        except (ValueError, FileNotFoundError, RunFolderError) as e:
-            print(f"g3dr train: error: {e}", file=sys.stderr)
-            raise SystemExit(2)
+        cfg = resolve(args.config, overrides)
+        summary = train(cfg, args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet,
+                        init=args.init)
         if summary["interrupted"]:
             raise SystemExit(130)
         if not args.quiet:

@@ -262,9 +262,29 @@ def _check_choice(field: str, value, choices) -> None:
         raise ValueError(f"{field} must be {allowed}, got {value!r}")
 
 
+def _check_finite(cfg: Config) -> None:
+    """Every float field (and float tuple) is a finite number: NaN or inf is never a useful setting."""
+    for section in _sections(cfg):
+        sub = getattr(cfg, section)
+        for f in dataclasses.fields(sub):
+            v = getattr(sub, f.name)
+            vals = v if isinstance(v, tuple) else (v,)
+            if any(isinstance(x, float) and not math.isfinite(x) for x in vals):
+                raise ValueError(f"{section}.{f.name} must be a finite number, got {v!r}")
+
+
+def _check_device(name: str) -> None:
+    if name == "auto" or name == "cpu" or name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit()):
+        return
+    if name.split(":")[0] in ("mps", "xpu", "hip", "meta"):
+        return
+    raise ValueError(f"train.device must be auto, cpu, cuda or cuda:N, got {name!r}")
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks, with the field names in the message."""
     m, r, lo, s, t = cfg.model, cfg.render, cfg.loss, cfg.schedule, cfg.train
+    _check_finite(cfg)
     down = 2 ** (len(m.width_mults) - 1)
     if len(m.width_mults) < 1 or min(m.width_mults) < 1:
         raise ValueError(f"model.width_mults must be positive integers, got {m.width_mults}")
@@ -301,10 +321,30 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"schedule.p_novel_max must be in [0, 1], got {s.p_novel_max}")
     if s.lr <= 0:
         raise ValueError(f"schedule.lr must be > 0, got {s.lr}")
-    if t.steps < 1 or t.batch_size < 1 or t.save_every < 1 or t.keep_last < 0:
-        raise ValueError(f"train needs steps >= 1, batch_size >= 1, save_every >= 1, keep_last >= 0; got "
-                         f"{t.steps}, {t.batch_size}, {t.save_every}, {t.keep_last}")
+    for name in ("steps", "batch_size", "save_every", "log_every", "image_every"):
+        if getattr(t, name) < 1:
+            raise ValueError(f"train.{name} must be >= 1, got {getattr(t, name)}")
+    if t.keep_last < 0:
+        raise ValueError(f"train.keep_last must be >= 0, got {t.keep_last}")
+    if t.grad_clip < 0:
+        raise ValueError(f"train.grad_clip must be >= 0 (0 = off), got {t.grad_clip}")
     _check_choice("train.amp", t.amp, ("auto", "bf16", "off"))
+    _check_device(t.device)
+    weights = [f.name for f in dataclasses.fields(lo) if f.name.startswith("w_")] + ["clip_novel_start_weight"]
+    for name in weights:
+        if getattr(lo, name) < 0:
+            raise ValueError(f"loss.{name} must be >= 0, got {getattr(lo, name)}")
+    for name in ("lpips_canon_layers", "lpips_novel_layers"):
+        if min(getattr(lo, name)) < 0:
+            raise ValueError(f"loss.{name} must be >= 0, got {getattr(lo, name)}")
+    if not all(0 <= b < 1 for b in s.betas):
+        raise ValueError(f"schedule.betas must be in [0, 1), got {s.betas}")
+    if r.kernel_s2 <= 0 or r.kernel_c_min > r.kernel_c_max:
+        raise ValueError(f"render needs kernel_s2 > 0 and kernel_c_min <= kernel_c_max; got {r.kernel_s2}, "
+                         f"{r.kernel_c_min}, {r.kernel_c_max}")
+    if cfg.data.num_workers < 0 or cfg.data.synthetic_scenes < 1:
+        raise ValueError(f"data needs num_workers >= 0 and synthetic_scenes >= 1; got {cfg.data.num_workers}, "
+                         f"{cfg.data.synthetic_scenes}")
 
 
 def _official() -> Config:
@@ -406,7 +446,12 @@ def load_yaml(path: Union[str, Path]) -> Config:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
-    d = yaml.safe_load(path.read_text()) or {}
+    try:
+        d = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" (line {where.line + 1}, column {where.column + 1})" if where is not None else ""
+        raise ValueError(f"{path}: not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
     if not isinstance(d, dict):
         raise ValueError(f"{path}: a config file must be a mapping of sections, got {type(d).__name__}")
     return Config.from_dict(d)

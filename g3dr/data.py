@@ -81,12 +81,42 @@ def load_pair(image_path: Path, depth_path: Path, size: int) -> Tuple[torch.Tens
     return fit_pair(img, dep, size, image_path, f"file {depth_path}")
 
 
+def check_pair(image_path: Path, depth_path: Optional[Path]) -> Optional[str]:
+    """What is wrong with a training pair, from the files' headers only (fast: no pixel is decoded),
+    or None: missing depth, unreadable image or depth, 8-bit depth PNG, sizes that differ."""
+    if depth_path is None:
+        return f"missing depth file {image_path.stem}_depth.png (or _depth.npy) beside {image_path}"
+    try:
+        with Image.open(image_path) as im:
+            size = im.size
+    except Exception as e:
+        return f"cannot read image {image_path}: {e}"
+    try:
+        if depth_path.suffix.lower() == ".npy":
+            arr = np.load(depth_path, mmap_mode="r")
+            if arr.ndim != 2:
+                return f"{depth_path}: expected a [H,W] depth array, got shape {arr.shape}"
+            dsize = (arr.shape[1], arr.shape[0])
+        else:
+            with Image.open(depth_path) as im:
+                if im.mode in ("L", "P", "RGB", "RGBA", "LA", "1"):
+                    return f"{depth_path} is an 8-bit image (mode {im.mode}); G3DR depth maps are 16-bit PNGs"
+                dsize = im.size
+    except Exception as e:
+        return f"cannot read depth file {depth_path}: {e}"
+    if dsize != size:
+        return (f"image {image_path} is {size[0]}x{size[1]} but its depth {depth_path} is {dsize[0]}x{dsize[1]} "
+                f"(width x height); they must match")
+    return None
+
+
 class FolderDataset(torch.utils.data.Dataset):
     """Images with depth maps in the official layout, searched recursively under `root`.
 
-    skip_bad=False: the first bad pair (missing depth, unreadable image, 8-bit depth, size mismatch)
-    raises a DataError naming the file. skip_bad=True: bad pairs are checked up front, skipped,
-    counted in `self.skipped` (path -> reason) and reported in one warning."""
+    Every pair's headers are checked up front (check_pair; fast). skip_bad=False: bad pairs (missing
+    depth, unreadable image, 8-bit depth, size mismatch) raise one DataError naming them all.
+    skip_bad=True: they are skipped, counted in `self.skipped` (path -> reason) and reported in one
+    warning."""
 
     def __init__(self, root, size: int = 128, skip_bad: bool = False):
         self.root, self.size = Path(root), size
@@ -100,19 +130,16 @@ class FolderDataset(torch.utils.data.Dataset):
         self.skipped: Dict[str, str] = {}
         for img in images:
             dep = depth_path_for(img)
-            if dep is None:
-                reason = f"missing depth file {img.stem}_depth.png (or _depth.npy) beside {img}"
-                if not skip_bad:
-                    raise DataError(reason)
+            reason = check_pair(img, dep)
+            if reason is not None:
                 self.skipped[str(img)] = reason
                 continue
-            if skip_bad:
-                try:
-                    load_pair(img, dep, size)
-                except DataError as e:
-                    self.skipped[str(img)] = str(e)
-                    continue
             self.items.append((img, dep))
+        if self.skipped and not skip_bad:
+            reasons = list(self.skipped.values())
+            raise DataError(f"{len(reasons)} bad file(s) under {self.root}: " + "; ".join(reasons[:5])
+                            + (f"; ... ({len(reasons)} in all)" if len(reasons) > 5 else "")
+                            + " (fix them, or data.skip_bad=true skips them)")
         if self.skipped:
             listing = "\n  ".join(f"{k}: {v}" for k, v in list(self.skipped.items())[:20])
             warnings.warn(f"skipped {len(self.skipped)} bad file(s) under {self.root} (data.skip_bad=true):\n  {listing}")

@@ -147,7 +147,8 @@ def run_demo(out_dir: str = "outputs/demo", quick: bool = False, steps: int | No
     from .synthetic import make_scene, render_view
     from .train import train
 
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from .infer import pick_device
+    dev = pick_device(device)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     result: Dict = {}

@@ -128,7 +128,8 @@ def load_depth_model(model_dir: Union[str, Path], device: Union[str, torch.devic
         from transformers import AutoImageProcessor, AutoModelForDepthEstimation
     except ImportError as e:
         raise ImportError("g3dr depth needs transformers: pip install 'g3dr[depth]'") from e
-    device = torch.device(device) if device is not None else default_device()
+    from .infer import pick_device
+    device = pick_device(device) if device is not None else default_device()
     dtype = dtype or torch.float32
     try:
         processor = AutoImageProcessor.from_pretrained(model_dir, local_files_only=True)

@@ -312,7 +312,8 @@ def evaluate(ckpt_or_model, data: str = "synthetic", metrics: Sequence[str] = AL
     if any(not (s > 0 and math.isfinite(s)) for s in scales):
         raise ValueError(f"sigma_scales must be finite numbers > 0, got {list(sigma_scales)}")
     scales = [1.0] + [s for s in scales if s != 1.0]
-    dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from .infer import pick_device
+    dev = pick_device(device)
     target, source = _as_target(ckpt_or_model, dev if not isinstance(ckpt_or_model, EvalTarget) else None,
                                 n_coarse, n_fine, iso, geometry_resolution)
     cfg = target.cfg

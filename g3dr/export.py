@@ -23,9 +23,8 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -33,6 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from g3dr_kernels import reference, sample_triplanes
+
+from .files import atomic_write, write_bytes
 
 Tensor = torch.Tensor
 PathLike = Union[str, Path]
@@ -52,7 +53,8 @@ def _shape(t) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def _check_out(path: PathLike, formats: Sequence[str], what: str) -> Path:
+def check_out(path: PathLike, formats: Sequence[str], what: str) -> Path:
+    """A path we can write `what` to: a known format, an existing writable folder, not a folder itself."""
     path = Path(path)
     ext = path.suffix.lower()
     if ext not in formats:
@@ -65,32 +67,14 @@ def _check_out(path: PathLike, formats: Sequence[str], what: str) -> Path:
         raise NotADirectoryError(f"cannot write {path}: {parent} is not a folder")
     if path.is_dir():
         raise IsADirectoryError(f"cannot write {path}: it is a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write {path}: the folder {parent} is not writable")
     return path
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> Path:
-    """write(tmp_path) into a temp file beside `path` (same extension, so writers that pick the
-    format from the name work), then rename it onto `path`. On any error the temp file is removed."""
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
-    except OSError as e:
-        raise PermissionError(f"cannot write {path}: the folder {path.parent} is not writable ({e})") from e
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def _write_bytes(path: Path, data: Union[bytes, str]) -> Path:
-    def w(tmp):
-        with open(tmp, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-    return _atomic_write(path, w)
+_check_out = check_out
+_atomic_write = atomic_write  # g3dr/files.py: temp file, fsync, rename, normal file mode
+_write_bytes = write_bytes
 
 
 # ---------------------------------------------------------------------------------------------

@@ -81,7 +81,8 @@ def load_ldm3d(model_dir: Union[str, Path], device: Union[str, torch.device, Non
         from diffusers import StableDiffusionLDM3DPipeline
     except ImportError as e:
         raise ImportError("g3dr generate needs diffusers and transformers: pip install 'g3dr[generate]'") from e
-    device = torch.device(device) if device is not None else default_device()
+    from .infer import pick_device
+    device = pick_device(device) if device is not None else default_device()
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     try:
         # components saved as null (no safety checker, ...) or absent from an older index must be passed as None

@@ -1,6 +1,6 @@
 """Inference: a trained checkpoint + an image (+ its depth, given or estimated) -> triplanes ->
 views along a camera trajectory -> colour and depth frames, video (mp4 + GIF), 16-bit depth PNGs
-and the planes themselves.
+and the planes themselves (planes.safetensors).
 
 Python API:
     model = g3dr.load("runs/x")                      # run folder or checkpoint file
@@ -9,6 +9,9 @@ Python API:
 """
 from __future__ import annotations
 
+import os
+import re
+import shutil
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
 
@@ -21,12 +24,55 @@ from .data import IMAGE_EXTS, DataError, load_pair
 from .model import G3DR
 
 
-def pick_device(device: Optional[str] = None) -> torch.device:
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+def pick_device(device: Optional[str] = None, what: str = "--device") -> torch.device:
+    """None or "auto" -> cuda when available, else cpu; otherwise the named device, checked to exist
+    (ValueError naming the option and the fix, never a traceback from deep inside torch)."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"{what} {device!r} is not a device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{what} {device}: CUDA is not available on this machine; use cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"{what} {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type not in ("cpu", "cuda"):
+        try:
+            torch.empty(0, device=dev)
+        except Exception:
+            raise ValueError(f"{what} {device}: this device is not available here; use cpu or cuda") from None
+    return dev
+
+
+def check_memory(nbytes: float, what: str, fix: str, device: Optional[torch.device] = None) -> None:
+    """ValueError before allocating when `nbytes` could not fit in the device's free memory."""
+    free = None
+    try:
+        if device is not None and device.type == "cuda":
+            free = torch.cuda.mem_get_info(device)[0]
+        else:
+            with open("/proc/meminfo") as f:
+                info = dict(line.split(":", 1) for line in f)
+            free = int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError, RuntimeError):
+        return
+    if nbytes > free:
+        raise ValueError(f"{what} needs about {nbytes / 2**30:,.1f} GiB of memory, more than the "
+                         f"{free / 2**30:,.1f} GiB free; {fix}")
 
 
 def load(ckpt: Union[str, Path], device: Optional[str] = None, backend: Optional[str] = None) -> G3DR:
-    """A g3dr run folder (its checkpoints/last.pt) or checkpoint file -> G3DR in eval mode."""
+    """A g3dr run folder (its newest valid checkpoint), checkpoint file (.pt) or model file
+    (.safetensors, see g3dr.checkpoint.save_model) -> G3DR in eval mode. Nothing is unpickled."""
+    dev = pick_device(device)
+    if backend not in (None, "auto"):
+        import g3dr_kernels
+        info = g3dr_kernels.backends().get(backend)
+        if info is None:
+            raise ValueError(f"unknown backend {backend!r}; use auto, torch, cpu, triton or cuda")
+        if not info["available"]:
+            raise ValueError(f"--backend {backend} is not available here ({info['note']}); use auto")
     ck = load_checkpoint(ckpt, map_location="cpu")
     cfg = Config.from_dict(ck["config"])
     if backend:
@@ -35,8 +81,8 @@ def load(ckpt: Union[str, Path], device: Optional[str] = None, backend: Optional
     try:
         model.load_state_dict(ck["model"])
     except RuntimeError as e:
-        raise ValueError(f"checkpoint {ckpt} does not match its own config: {e}") from e
-    return model.to(pick_device(device)).eval()
+        raise ValueError(f"checkpoint {ckpt} does not match its own config: {str(e).splitlines()[0]}") from e
+    return model.to(dev).eval()
 
 
 def trajectory(spec: str, n: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -135,26 +181,101 @@ def _robust_range(values: torch.Tensor) -> Tuple[float, float]:
     return (lo, hi if hi > lo else lo + 1e-3)
 
 
+def output_dirs(items: List[Path], inputs, out: Path) -> List[Path]:
+    """One output folder per input that no other input shares: out/<stem> for a single image; for a
+    folder, out/<path relative to it without the extension>, keeping the extension (out/a/x.jpg) for
+    inputs whose stems collide in one folder."""
+    inputs = Path(inputs)
+    if inputs.is_file():
+        return [out / items[0].stem]
+    rel = [p.relative_to(inputs) for p in items]
+    plain = [r.parent / r.stem for r in rel]
+    dup = {d for d in plain if plain.count(d) > 1}
+    return [out / (r if d in dup else d) for r, d in zip(rel, plain)]
+
+
+def replace_dir(tmp: Path, dest: Path) -> None:
+    """Swap a finished folder in for `dest` (two renames), so `dest` holds one render: never a mix with
+    stale files of an earlier one, never half-written."""
+    old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+    if dest.exists():
+        if not dest.is_dir():
+            raise NotADirectoryError(f"cannot write {dest}: it is a file, not a folder")
+        os.replace(dest, old)
+    os.replace(tmp, dest)
+    if old.exists():
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _clean_temps(folder: Path) -> None:
+    """Remove `.name.tmp-PID` / `.name.old-PID` folders of render processes that no longer run."""
+    if not folder.is_dir():
+        return
+    for p in folder.iterdir():
+        m = re.match(r"^\..+\.(tmp|old)-(\d+)$", p.name)
+        if m and p.is_dir() and int(m.group(2)) != os.getpid():
+            try:
+                os.kill(int(m.group(2)), 0)
+            except ProcessLookupError:
+                shutil.rmtree(p, ignore_errors=True)
+            except PermissionError:
+                pass
+
+
+def save_planes(path: Union[str, Path], planes: torch.Tensor, cfg: Config, image: str = "") -> Path:
+    """planes [1,3,C,H,W] -> planes.safetensors with the model config (JSON) and the source image."""
+    import json
+
+    from .checkpoint import PLANES_FORMAT
+    from .files import save_tensors
+    return save_tensors(path, {"planes": planes.detach().cpu().contiguous()},
+                        {"format": PLANES_FORMAT, "config": json.dumps(cfg.to_dict(), sort_keys=True), "image": image})
+
+
+def load_planes(path: Union[str, Path], device="cpu") -> torch.Tensor:
+    """A planes.safetensors written by `g3dr render` -> planes [B,3,C,H,W]; pickled planes.pt files are
+    refused (g3dr.files.UnsafeFileError names the conversion command)."""
+    from .files import UnsafeFileError, convert_hint, load_tensors
+    path = Path(path)
+    if path.suffix == ".pt":  # the old pickled format: never opened
+        if not path.is_file():
+            raise FileNotFoundError(f"planes file not found: {path}")
+        raise UnsafeFileError(convert_hint(path, path.with_suffix(".safetensors")))
+    tensors, _ = load_tensors(path, device)
+    if "planes" not in tensors:
+        raise ValueError(f"{path} holds no 'planes' tensor (is it a planes file written by g3dr render?)")
+    return tensors["planes"]
+
+
 def render_inputs(ckpt, inputs, out, *, depth=None, depth_model_dir=None, trajectory_spec: str = "front",
                   n_frames: int = 48, resolution: Optional[int] = None, n_coarse: Optional[int] = None,
                   n_fine: Optional[int] = None,
                   sigma_scale: float = 1.0, chunk: int = 16384, device: Optional[str] = None,
                   backend: Optional[str] = None, fps: float = 12.0, progress: bool = True) -> List[Dict]:
-    """`g3dr render`: every input image -> out/<name>/ (frames, video.mp4, video.gif, planes.pt)."""
+    """`g3dr render`: every input image -> its own output folder under `out` (see output_dirs: frames,
+    video.mp4, video.gif, planes.safetensors). Each folder is written under a temporary name and
+    swapped in when complete: a failure (a full disk) leaves the previous render of that input intact."""
     from tqdm import tqdm
-    model = load(ckpt, device, backend)
-    dev = next(model.parameters()).device
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is a file, not a folder")
     items = list_inputs(inputs)
     if depth is not None and len(items) != 1:
         raise ValueError("--depth names one depth file; give a single --input image with it")
+    yaw, pitch = trajectory(trajectory_spec, n_frames)
+    model = load(ckpt, device, backend)
+    dev = next(model.parameters()).device
+    res = resolution or model.cfg.model.image_size
+    # kept per frame: rgb, depth, opacity (float32) + uint8 colour and depth frames; per chunk the rays
+    check_memory(len(yaw) * res * res * (5 * 4 + 6) + res * res * 6 * 4, f"rendering {len(yaw)} frames at "
+                 f"{res}x{res}", "use a smaller --resolution or fewer --frames", dev)
     est = None
     if depth_model_dir is not None:
         from .depth import load_depth_model
         est = load_depth_model(depth_model_dir, device=dev)
-    yaw, pitch = trajectory(trajectory_spec, n_frames)
-    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     results = []
-    for item in items:
+    for item, dest in zip(items, output_dirs(items, inputs, out)):
         img, dep = load_input(item, model.cfg.model.image_size, depth, est)
         planes = model.reconstruct(img.to(dev), dep.to(dev))
         frames = {"rgb": [], "depth": [], "opacity": []}
@@ -164,28 +285,31 @@ def render_inputs(ckpt, inputs, out, *, depth=None, depth_model_dir=None, trajec
             for k in frames:
                 frames[k].append(v[k])
         views = {k: torch.cat(v, 0) for k, v in frames.items()}
-        dest = out / item.stem
-        paths = write_views(views, dest, fps)
-        torch.save({"planes": planes.cpu(), "config": model.cfg.to_dict(), "image": str(item)}, dest / "planes.pt")
-        results.append({"input": str(item), "out": str(dest), **{k: str(v) for k, v in paths.items()}})
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        _clean_temps(dest.parent)
+        tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            paths = write_views(views, tmp, fps)
+            save_planes(tmp / "planes.safetensors", planes, model.cfg, str(item))
+            replace_dir(tmp, dest)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        results.append({"input": str(item), "out": str(dest), "planes": str(dest / "planes.safetensors"),
+                        **{k: str(dest / Path(v).name) for k, v in paths.items()}})
     return results
 
 
-
 def planes_for(model: G3DR, source: Union[str, Path], depth=None, depth_model_dir=None) -> torch.Tensor:
-    """planes [1,3,C,H,W] from a `planes.pt` written by `g3dr render`, or from an image (+ depth)."""
+    """planes [1,3,C,H,W] from a `planes.safetensors` written by `g3dr render`, or from an image (+ depth)."""
     source = Path(source)
     dev = next(model.parameters()).device
-    if source.suffix == ".pt":
-        try:
-            blob = torch.load(source, map_location=dev, weights_only=False)
-            planes = blob["planes"] if isinstance(blob, dict) else blob
-        except Exception as e:
-            raise ValueError(f"cannot read planes from {source}: {e}") from e
-        C, s = model.cfg.model.plane_channels, model.cfg.model.image_size
-        if not isinstance(planes, torch.Tensor) or planes.dim() != 5 or planes.shape[1:3] != (3, C):
-            raise ValueError(f"{source}: expected planes [B,3,{C},H,W] for this model, got "
-                             f"{list(getattr(planes, 'shape', []))}")
+    if source.suffix in (".safetensors", ".pt"):
+        planes = load_planes(source, dev)
+        C = model.cfg.model.plane_channels
+        if planes.dim() != 5 or planes.shape[1:3] != (3, C):
+            raise ValueError(f"{source}: expected planes [B,3,{C},H,W] for this model, got {list(planes.shape)}")
         return planes[:1].to(dev).float()
     est = None
     if depth_model_dir is not None:
@@ -203,11 +327,19 @@ def export_inputs(ckpt, source, out, *, depth=None, depth_model_dir=None, resolu
     optionally the canonical view as a depth mesh and a voxel occupancy grid (.npy/.npz/.binvox)."""
     from g3dr_kernels.cameras import g3dr_cam2world, g3dr_rays
 
-    from .export import depth_mesh, extract_mesh, save_mesh, save_voxels, voxel_occupancy
-    for path, formats in ((out, (".glb", ".obj", ".ply")), (depth_mesh_out, (".glb", ".obj", ".ply")),
-                          (voxels_out, (".npy", ".npz", ".binvox"))):
-        if path is not None and Path(path).suffix.lower() not in formats:  # before any expensive work
-            raise ValueError(f"{path}: unknown format {Path(path).suffix!r}; use one of {', '.join(formats)}")
+    from .export import MESH_FORMATS, VOXEL_FORMATS, check_out, depth_mesh, extract_mesh, save_mesh, save_voxels, \
+        voxel_occupancy
+    if out is None and depth_mesh_out is None and voxels_out is None:
+        raise ValueError("nothing to export: give --out, --depth-mesh and/or --voxels")
+    for path, formats, what in ((out, MESH_FORMATS, "mesh"), (depth_mesh_out, MESH_FORMATS, "depth mesh"),
+                                (voxels_out, VOXEL_FORMATS, "voxel")):
+        if path is not None:  # format, folder and permissions: before any expensive work
+            check_out(path, formats, what)
+    dev = pick_device(device)
+    # the density grid (float32) and marching cubes' working arrays, and the voxel grid
+    check_memory((resolution ** 3 * 16 if out is not None else 0) + (voxel_resolution ** 3 * 8 if voxels_out else 0),
+                 f"a {resolution}^3 density grid" if out is not None else f"a {voxel_resolution}^3 voxel grid",
+                 "use a smaller --resolution / --voxel-res", dev)
     model = load(ckpt, device, backend)
     r = model.cfg.render
     planes = planes_for(model, source, depth, depth_model_dir)
@@ -231,8 +363,6 @@ def export_inputs(ckpt, source, out, *, depth=None, depth_model_dir=None, resolu
     if voxels_out is not None:
         occ = voxel_occupancy(planes, model.decoder, voxel_resolution, iso=iso, bbox=bbox, **kw)
         written["voxels"] = str(save_voxels(voxels_out, occ, bbox, r.box_warp))
-    if not written:
-        raise ValueError("nothing to export: give --out, --depth-mesh and/or --voxels")
     return written
 
 
@@ -243,7 +373,7 @@ def generate_to_3d(ldm3d_dir, ckpt, out, *, prompt: Optional[str] = None, class_
                    **render_kw) -> Dict[str, str]:
     """`g3dr generate`: the paper's f_rgbd step (LDM3D: text or class -> RGB-D) then the same outputs as
     `g3dr render` (and `g3dr export` with mesh_out): out/name.png + name_depth.png, out/name/ (frames,
-    video.mp4, video.gif, planes.pt), the mesh. `pipe` reuses a loaded pipeline."""
+    video.mp4, video.gif, planes.safetensors), the mesh. `pipe` reuses a loaded pipeline."""
     from .generate import generate_rgbd, load_ldm3d, save_rgbd
     dev = pick_device(device)
     pipe = pipe if pipe is not None else load_ldm3d(ldm3d_dir, device=dev)
@@ -257,5 +387,5 @@ def generate_to_3d(ldm3d_dir, ckpt, out, *, prompt: Optional[str] = None, class_
                         **render_kw)[0]
     written.update(views=res["out"], mp4=res["mp4"], gif=res["gif"])
     if mesh_out is not None:
-        written.update(export_inputs(ckpt, Path(res["out"]) / "planes.pt", mesh_out, device=str(dev)))
+        written.update(export_inputs(ckpt, res["planes"], mesh_out, device=str(dev)))
     return written

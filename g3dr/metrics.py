@@ -177,8 +177,19 @@ class InceptionFeatures(nn.Module):
             raise ValueError(f"feature must be one of {sorted(sizes)}, got {feature!r}")
         self.feature = str(feature)
         self.num_features = sizes[self.feature]
-        self.net = FeatureExtractorInceptionV3("inception-v3-compat", [self.feature],
-                                               feature_extractor_weights_path=str(path))
+        # torch-fidelity would torch.load the file with weights_only=False (unpickling, which can run
+        # code): we read it with weights_only=True and hand it the state dict in place of its download
+        from unittest import mock
+
+        import torch_fidelity.feature_extractor_inceptionv3 as fx
+
+        from .files import torch_load
+        state = torch_load(path)
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ValueError(f"{path} is not an Inception state dict (a mapping of names to tensors)")
+        with mock.patch.object(fx, "load_state_dict_from_url", lambda *a, **k: state):
+            self.net = FeatureExtractorInceptionV3("inception-v3-compat", [self.feature],
+                                                   feature_extractor_weights_path=None)
         self.net.eval()
 
     def train(self, mode: bool = True):  # frozen: never leaves eval mode

@@ -414,7 +414,11 @@ def load_official_checkpoint(model: G3DR, path: Union[str, Path, Dict]) -> None:
     """Load an official G3DR checkpoint (`{'model': state_dict, ...}` or a bare state dict) into
     `model` (built with the `official` preset). Raises ValueError listing missing/unexpected keys
     and shape mismatches."""
-    ckpt = path if isinstance(path, dict) else torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(path, dict):
+        ckpt = path
+    else:  # weights_only: an official checkpoint is tensors and numbers; anything else is refused, not run
+        from .files import torch_load
+        ckpt = torch_load(path)
     state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict):
         raise ValueError(f"{path}: not a G3DR checkpoint (expected a dict with a 'model' state dict)")

@@ -24,15 +24,14 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from . import cameras, checkpoint, metrics, schedules
+from . import cameras, checkpoint, metrics, runs, schedules
 from .config import Config, save_yaml
 from .data import StepBatchSampler, build_dataset
 from .losses import Criterion, needs
 from .model import G3DR
 
 
-class RunFolderError(RuntimeError):
-    """The output folder holds a previous run and neither resume nor overwrite was asked for."""
+RunFolderError = runs.RunFolderError  # the folder holds a run (or another training holds it)
 
 
 def _dist_env():
@@ -42,7 +41,8 @@ def _dist_env():
 
 def _device(cfg: Config, local_rank: int) -> torch.device:
     if cfg.train.device != "auto":
-        return torch.device(cfg.train.device)
+        from .infer import pick_device
+        return pick_device(cfg.train.device, "train.device")
     return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
 
 
@@ -51,28 +51,6 @@ def _gen(device, *keys: int) -> torch.Generator:
     for k in keys:
         seed = (seed * 1_000_003 + int(k)) % (2 ** 63 - 1)
     return torch.Generator(device=device).manual_seed(seed)
-
-
-def prepare_run_dir(out: Path, resume: str, overwrite: bool) -> Optional[Path]:
-    """Returns the checkpoint to resume from (or None). Never deletes a previous run unless
-    overwrite=True, in which case its checkpoints, stats and images are removed."""
-    ck = checkpoint.Checkpointer(out).last
-    if resume not in ("auto", "never") and not Path(resume).exists():
-        raise FileNotFoundError(f"--resume {resume}: no such checkpoint")
-    if resume not in ("auto", "never"):
-        return Path(resume)
-    if resume == "auto" and ck.is_file():
-        return ck
-    occupied = out.exists() and any(p.name in ("checkpoints", "stats.jsonl") for p in out.iterdir())
-    if occupied and not overwrite:
-        raise RunFolderError(f"{out} already holds a run; use --resume auto to continue it or --overwrite to replace it")
-    if occupied and overwrite:
-        import shutil
-        for name in ("checkpoints", "images", "tb"):
-            shutil.rmtree(out / name, ignore_errors=True)
-        for name in ("stats.jsonl", "config.yaml"):
-            (out / name).unlink(missing_ok=True)
-    return None
 
 
 def _to_images(x: torch.Tensor, H: int, W: int) -> torch.Tensor:
@@ -137,23 +115,34 @@ def _diagnostics(res: Dict[str, torch.Tensor], depth: torch.Tensor, objects: Opt
 
 def train(cfg: Config, out_dir, resume: str = "auto", overwrite: bool = False, progress: bool = True,
           max_steps: Optional[int] = None, init: Optional[str] = None) -> Dict:
-    """Train G3DR with `cfg` into run folder `out_dir`. resume: "auto" (continue out_dir's last.pt when
-    present), "never", or a checkpoint path. init: a model file, checkpoint or run folder whose weights
-    start a new run (fine-tuning; fresh optimizer and schedule; ignored when resuming). max_steps stops
-    early (tests, interruption drills) without changing the schedule; to shorten a run set
-    cfg.train.steps (the CLI's --max-steps does). Returns a summary dict (final step, skipped steps,
-    last losses)."""
+    """Train G3DR with `cfg` into run folder `out_dir`. resume: "auto" (continue the run's newest valid
+    checkpoint when there is one, else start fresh), "never", or a checkpoint path; overwrite replaces
+    the run (after everything is validated). max_steps stops early (for tests) without changing the
+    schedule. init: a model file, checkpoint or run folder whose weights start a new run (fine-tuning;
+    fresh optimizer and schedule; ignored when resuming). The folder is locked for the run (g3dr/runs.py). Returns a summary dict (final step,
+    skipped steps, last losses)."""
+    if max_steps is not None and max_steps < 1:
+        raise ValueError(f"--max-steps must be >= 1, got {max_steps}")
+    if _dist_env()[1] != 0:
+        return _train(cfg, out_dir, resume, overwrite, progress, max_steps, init)
+    with runs.RunLock(out_dir):
+        return _train(cfg, out_dir, resume, overwrite, progress, max_steps, init)
+
+
+def _train(cfg: Config, out_dir, resume: str, overwrite: bool, progress: bool, max_steps: Optional[int],
+           init: Optional[str] = None) -> Dict:
     world, rank, local_rank = _dist_env()
     device = _device(cfg, local_rank)
+    runs.check_size(cfg, device)
     if world > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     out = Path(out_dir)
     main = rank == 0
-    resume_path = None
-    if main:
-        resume_path = prepare_run_dir(out, resume, overwrite)
+    resume_path = ck = None
+    if main:  # reads only: nothing in the folder changes before everything is validated (runs.begin)
+        resume_path, ck = runs.find_start(out, resume, overwrite)
     if world > 1:
         box = [str(resume_path) if resume_path else ""]
         dist.broadcast_object_list(box, src=0)
@@ -173,7 +162,8 @@ def train(cfg: Config, out_dir, resume: str = "auto", overwrite: bool = False, p
     opt = torch.optim.Adam(model.parameters(), lr=schedules.learning_rate(cfg, 0), betas=cfg.schedule.betas)
     start, skipped = 0, 0
     if resume_path is not None:
-        ck = checkpoint.load(resume_path, map_location=device)
+        ck = ck if ck is not None else checkpoint.load(resume_path, map_location="cpu")
+        runs.check_resumable(ck, cfg, resume_path)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         start, skipped = ck["step"], ck.get("skipped_steps", 0)
@@ -185,8 +175,8 @@ def train(cfg: Config, out_dir, resume: str = "auto", overwrite: bool = False, p
     need = needs(cfg)
     want_weights = cfg.loss.w_free > 0
     criterion = Criterion(cfg.loss, need["lpips"], need["clip"]).to(device)
-    if main:  # only now that everything is built: a failed start leaves no folder behind
-        out.mkdir(parents=True, exist_ok=True)
+    if main:  # only now that everything is built and validated: replace / trim the previous run
+        runs.begin(out, start, overwrite)
         save_yaml(cfg, out / "config.yaml")
     if world > 1:
         dist.barrier()
@@ -287,8 +277,7 @@ def train(cfg: Config, out_dir, resume: str = "auto", overwrite: bool = False, p
                            **{k: float(v.detach()) for k, v in terms.items()},
                            **_diagnostics(res, depth, objects, not novel)}
                     t_last, n_img = now, 0
-                    stats_f.write(json.dumps(rec) + "\n")
-                    stats_f.flush()
+                    runs.write_stats(stats_f, rec)
                     if writer is not None:
                         for k, v in rec.items():
                             if isinstance(v, (int, float)) and k != "step":

@@ -139,7 +139,7 @@ def test_ablation_micro_budget_writes_both_models_and_reports(tmp_path):
                    geometry_resolution=16, n_points=300, progress=False, name="fidelity_test",
                    metrics=("psnr", "depth", "nfs", "depth_accuracy", "geometry", "sigma_scaling"))
     for v in ("kernel", "no_kernel"):
-        ck = torch.load(tmp_path / "work" / "runs" / v / "checkpoints" / "last.pt", weights_only=False)
+        ck = torch.load(tmp_path / "work" / "runs" / v / "checkpoints" / "last.pt", weights_only=True)
         assert ck["step"] == 2 and ck["config"]["render"]["depth_kernel"] == (v == "kernel")
         assert (tmp_path / "work" / "runs" / v / "eval.json").is_file()
     out = tmp_path / "results"

@@ -167,7 +167,8 @@ def test_unwritable_folder_is_named(sphere_mesh, tmp_path, monkeypatch):
     def denied(*a, **k):  # what a read-only folder gives (root ignores chmod, so it is simulated)
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(E.tempfile, "mkstemp", denied)
+    import g3dr.files
+    monkeypatch.setattr(g3dr.files.tempfile, "mkstemp", denied)
     with pytest.raises(PermissionError, match=f"folder {tmp_path} is not writable"):
         E.save_mesh(sphere_mesh, tmp_path / "m.ply")
     with pytest.raises(PermissionError, match="not writable"):

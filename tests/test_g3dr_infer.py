@@ -67,14 +67,15 @@ def test_render_cli_writes_frames_videos_depth_and_planes(run, picture, tmp_path
     dep = read_depth_png(d / "depth16" / "001.png")
     raw = np.array(Image.open(d / "depth16" / "001.png"))
     assert raw.dtype == np.uint16 and dep.shape == (20, 20) and 4 <= dep.min() and dep.max() < 6
-    blob = torch.load(d / "planes.pt", weights_only=False)
+    from safetensors.torch import load_file
+    blob = load_file(d / "planes.safetensors")
     assert blob["planes"].shape == (1, 3, 8, 16, 16)
     # export from those planes: voxels and a depth mesh, and a marching-cubes mesh at an iso inside the density range
     from g3dr.export import density_grid
     model = load(run, device="cpu")
     grid = density_grid(blob["planes"], model.decoder, 16)
     iso = float(grid.min() + 0.5 * (grid.max() - grid.min()))
-    main(["export", "--ckpt", str(run), "--input", str(d / "planes.pt"), "--out", str(tmp_path / "m.ply"),
+    main(["export", "--ckpt", str(run), "--input", str(d / "planes.safetensors"), "--out", str(tmp_path / "m.ply"),
           "--resolution", "24", "--iso", str(iso), "--voxels", str(tmp_path / "v.npz"), "--voxel-res", "8",
           "--depth-mesh", str(tmp_path / "dm.obj"), "--device", "cpu"])
     import trimesh

@@ -52,7 +52,7 @@ def test_train_cli_synthetic_takes_both_branches(tmp_path):
     assert {r["branch"] for r in rows} == {"canon", "novel"}
     assert all("recon" in r and "depth" in r for r in rows if r["branch"] == "canon")
     assert all("tv" in r and "lpips" in r for r in rows if r["branch"] == "novel")
-    ck = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
+    ck = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert ck["step"] == 6 and ck["config"]["train"]["steps"] == 6
     assert (run / "config.yaml").is_file() and sorted(p.name for p in (run / "images").iterdir())
     assert (run / "checkpoints" / "step_00000006.pt").is_file()
@@ -92,7 +92,7 @@ def test_overfitting_one_scene_lowers_recon_and_depth():
 
 
 def _final_params(run):
-    return torch.load(Path(run) / "checkpoints" / "last.pt", weights_only=False)["model"]
+    return torch.load(Path(run) / "checkpoints" / "last.pt", weights_only=True)["model"]
 
 
 def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
@@ -107,7 +107,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     assert victim.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    done = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)["step"]
+    done = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)["step"]
     assert 4 <= done < 9
     resumed = _cli(["train", "--out", str(tmp_path / "run"), "--resume", "auto", *args])
     out, _ = resumed.communicate(timeout=600)
@@ -131,7 +131,7 @@ def test_sigterm_saves_and_exits(tmp_path):
     p.send_signal(signal.SIGTERM)
     out, _ = p.communicate(timeout=300)
     assert p.returncode == 130, out
-    ck = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)
+    ck = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
     assert 1 <= ck["step"] < 400
 
 
@@ -152,7 +152,7 @@ def test_ddp_two_ranks_equal_one_rank_with_twice_the_batch(tmp_path, novel):
     branches = {r["branch"] for r in _stats(tmp_path / "two")}
     assert branches == ({"novel"} if novel else {"canon"})
     a, b = _final_params(tmp_path / "one"), _final_params(tmp_path / "two")
-    assert torch.load(tmp_path / "two" / "checkpoints" / "last.pt", weights_only=False)["world_size"] == 2
+    assert torch.load(tmp_path / "two" / "checkpoints" / "last.pt", weights_only=True)["world_size"] == 2
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=2e-6, rtol=1e-5, msg=lambda m: f"{k}: {m}")
 

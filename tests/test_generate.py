@@ -203,7 +203,7 @@ def test_generate_to_3d_end_to_end(pipe, ldm3d_dir, tmp_path, capsys):
                          guidance=1.0, seed=0, size=32, n_frames=2, n_coarse=4, n_fine=4, device="cpu",
                          progress=False)
     assert read_depth_png(res["depth"]).shape == (32, 32)
-    assert (tmp_path / "out" / "generated" / "planes.pt").is_file() and res["gif"].endswith("video.gif")
+    assert (tmp_path / "out" / "generated" / "planes.safetensors").is_file() and res["gif"].endswith("video.gif")
     with pytest.raises(SystemExit):
         main(["generate", "--ldm3d", str(ldm3d_dir), "--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "o")])
     with pytest.raises(SystemExit) as e:
