@@ -197,13 +197,17 @@ def planes_for(model: G3DR, source: Union[str, Path], depth=None, depth_model_di
 def export_inputs(ckpt, source, out, *, depth=None, depth_model_dir=None, resolution: int = 256, iso: float = 10.0,
                   crop: Optional[Tuple[float, ...]] = None, largest_component: bool = False,
                   decimate: Optional[int] = None, depth_mesh_out=None, voxels_out=None, voxel_resolution: int = 64,
+                  n_coarse: Optional[int] = None, n_fine: Optional[int] = None,
                   device: Optional[str] = None, backend: Optional[str] = None) -> Dict[str, str]:
-    """`g3dr export`: planes (or an image) -> a marching-cubes mesh with vertex colours (`out`: .glb/.obj/.ply),
+    """`g3dr export`: planes (or an image) -> a marching-cubes mesh with vertex colours (`out`: .glb/.obj/.ply)
+    or the single-file WebGL viewer (`out`: .html; n_coarse / n_fine samples, default the model's config),
     optionally the canonical view as a depth mesh and a voxel occupancy grid (.npy/.npz/.binvox)."""
     from g3dr_kernels.cameras import g3dr_cam2world, g3dr_rays
 
     from .export import depth_mesh, extract_mesh, save_mesh, save_voxels, voxel_occupancy
-    for path, formats in ((out, (".glb", ".obj", ".ply")), (depth_mesh_out, (".glb", ".obj", ".ply")),
+    from .webgl import HTML_FORMATS, export_html
+    html = out is not None and Path(out).suffix.lower() in HTML_FORMATS
+    for path, formats in ((out, (".glb", ".obj", ".ply") + HTML_FORMATS), (depth_mesh_out, (".glb", ".obj", ".ply")),
                           (voxels_out, (".npy", ".npz", ".binvox"))):
         if path is not None and Path(path).suffix.lower() not in formats:  # before any expensive work
             raise ValueError(f"{path}: unknown format {Path(path).suffix!r}; use one of {', '.join(formats)}")
@@ -217,7 +221,12 @@ def export_inputs(ckpt, source, out, *, depth=None, depth_model_dir=None, resolu
         bbox = (tuple(crop[:3]), tuple(crop[3:]))
     kw = dict(levels=r.levels, box_warp=r.box_warp, plane_axes=r.plane_axes, density_bias=r.density_bias)
     written = {}
-    if out is not None:
+    if html:
+        info = export_html(model, planes, out, n_coarse=n_coarse, n_fine=n_fine, title=Path(str(source)).stem)
+        written["html"] = info["path"]
+        written["html_size"] = (f"{info['bytes'] / 1e6:.2f} MB; planes stored as float16: {info['psnr_fp16']:.1f} dB "
+                                f"PSNR vs float32 (max colour error {info['max_abs_rgb']:.2g})")
+    elif out is not None:
         mesh = extract_mesh(planes, model.decoder, resolution, iso, bbox, largest_component, decimate, **kw)
         written["mesh"] = str(save_mesh(mesh, out))
     if depth_mesh_out is not None:
