@@ -160,7 +160,8 @@ def write_md(allrows) -> None:
              "no GPU). `draw` is the full-size pass for one camera, `total` the time from the camera change to "
              "`window.g3drReady`, with the coarse 1/8, 1/4, 1/2 passes drawn first. **Live viewer**: seconds per "
              "frame of `g3dr.view.render_view` (our kernels, the model's sample counts) at each resolution "
-             "step of `g3dr view`, 4:3 aspect; image encoding and transfer not included.", "",
+             "step of `g3dr view`, 4:3 aspect; image encoding and transfer not included. No GPU row yet: the script has "
+             "only run on a CPU machine.", "",
              "## HTML viewer", "",
              "| date | commit | machine | model | size | samples | draw s | total s | webgl | browser | note |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -152,7 +152,7 @@ def test_html_matches_g3dr_render_in_chromium(scene, tmp_path, browser):
     assert stats["size"] == SIZE and stats["nf"] == 0 and browser.eval("document.querySelector('canvas').width") == SIZE
 
 
-def _draw(browser, fragment: str, timeout: float = 120) -> np.ndarray:
+def _draw(browser, fragment: str, timeout: float = 300) -> np.ndarray:
     browser.eval(f"window.g3drReady = false; location.hash = {json.dumps('#' + fragment)}; true")
     browser.wait("window.g3drReady === true || window.g3drError !== null", timeout)
     assert browser.eval("window.g3drError") is None, browser.eval("window.g3drError")
