@@ -10,7 +10,7 @@ PIP := $(PY) -m pip
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 BUILD_DEPS := $(TORCH_PIN) setuptools wheel ninja pybind11 numpy
 
-.PHONY: setup demo test bench cmake-check clean gpu-check
+.PHONY: setup demo test bench cmake-check clean gpu-check browser
 setup: $(VENV)/.g3dr-installed
 
 $(VENV)/.g3dr-installed: pyproject.toml setup.py csrc/sources.py $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' 2>/dev/null)
@@ -27,7 +27,7 @@ demo: setup
 # G3DR_REQUIRE_BACKENDS=cpu: the build above always makes the C++ CPU kernels, so their absence is a
 # failure (tests/test_api.py), not a row of skips. -n 2 (pytest-xdist): two workers, so an abort in
 # an interpreted Triton kernel fails that one test (the worker is replaced) instead of the whole run.
-test: setup cmake-check
+test: setup cmake-check browser
 	G3DR_REQUIRE_BACKENDS=cpu HF_HUB_OFFLINE=1 $(PY) -m pytest tests -q -n 2
 
 bench: setup
@@ -37,6 +37,16 @@ bench: setup
 	PYTHONPATH=$(CURDIR) $(PY) benchmarks/bench_train.py --preset small --batch 4
 	PYTHONPATH=$(CURDIR) $(PY) benchmarks/bench_infer.py
 	$(PY) benchmarks/plot.py
+
+# tests/test_viewer.py drives headless Chromium (WebGL2 in software). Installs Debian's package when it is
+# missing and we are root with apt-get; never fails the build (without a browser those tests skip, saying so).
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	      echo "installing chromium for the viewer tests (apt-get)"; \
+	      (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium) >/dev/null 2>&1 || \
+	      echo "could not install chromium: the viewer tests will skip (apt-get install -y chromium)"; \
+	    else echo "no chromium: the viewer tests will skip (apt-get install -y chromium)"; fi; }
 
 # Builds the extension a second way, through CMakeLists.txt, so that file cannot rot.
 cmake-check: setup

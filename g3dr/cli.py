@@ -3,7 +3,8 @@
   g3dr demo [--quick]            the main job (see g3dr/demo.py)
   g3dr train --config P --data D --out RUN [key=value ...]   (torchrun ... -m g3dr train ... for DDP)
   g3dr render --ckpt RUN --input IMG|DIR --out DIR           views, video, depth maps, planes
-  g3dr export --ckpt RUN --input IMG|planes.safetensors --out mesh.glb  meshes, depth mesh, voxels
+  g3dr export --ckpt RUN --input IMG|planes.safetensors --out mesh.glb|scene.html  meshes, HTML viewer, depth mesh, voxels
+  g3dr view --ckpt RUN --input IMG|DIR [--input ...] [--port 8080]   live browser viewer (viser)
   g3dr depth DIR --model DEPTH_MODEL_DIR                     name_depth.png for every image
   g3dr generate --prompt TEXT|--class N --ldm3d DIR --ckpt RUN --out DIR   text -> RGB-D -> 3D
   g3dr eval --ckpt RUN [--data synthetic|DIR] [--out DIR] | g3dr eval --ablation   metrics, eval.json
@@ -86,10 +87,14 @@ def main(argv=None) -> None:
     r.add_argument("--sigma-scale", type=float, default=1.0, help="multiply the density field (paper Table S1)")
     r.add_argument("--chunk", type=int, default=16384, help="rays per render call (memory)")
     r.add_argument("--fps", type=float, default=12.0)
-    e = sub.add_parser("export", help="triplanes -> mesh (.glb/.obj/.ply), depth mesh, voxels (.npy/.npz/.binvox)")
+    e = sub.add_parser("export", help="triplanes -> mesh (.glb/.obj/.ply), single-file viewer (.html), depth mesh, "
+                                      "voxels (.npy/.npz/.binvox)")
     _input_args(e)
     e.add_argument("--input", required=True, help="an image (+ depth) or a planes.safetensors written by g3dr render")
-    e.add_argument("--out", default=None, help="marching-cubes mesh file: .glb, .obj or .ply")
+    e.add_argument("--out", default=None, help="marching-cubes mesh file (.glb, .obj, .ply) or a self-contained "
+                                               "WebGL viewer page (.html)")
+    e.add_argument("--n-coarse", type=int, default=None, help=".html: coarse samples per ray (default: the config's)")
+    e.add_argument("--n-fine", type=int, default=None, help=".html: importance samples per ray (default: the config's)")
     e.add_argument("--resolution", type=int, default=256, help="density grid resolution")
     e.add_argument("--iso", type=float, default=10.0, help="density level of the surface (per world unit)")
     e.add_argument("--crop", type=_floats, default=None, help="box x0,y0,z0,x1,y1,z1 (default: the scene box)")
@@ -98,6 +103,17 @@ def main(argv=None) -> None:
     e.add_argument("--depth-mesh", default=None, help="also write the canonical view as a depth mesh (.glb/.obj/.ply)")
     e.add_argument("--voxels", default=None, help="also write voxel occupancy (.npy/.npz/.binvox)")
     e.add_argument("--voxel-res", type=int, default=64)
+    v = sub.add_parser("view", help="live browser viewer (viser): orbit, zoom, RGB/depth/opacity, sigma scale, "
+                                    "save PNG, export mesh and HTML")
+    _input_args(v)
+    v.add_argument("--input", required=True, action="append",
+                   help="an image, a folder of images, or a planes.pt of g3dr render (repeatable)")
+    v.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only; 0.0.0.0 for all)")
+    v.add_argument("--port", type=int, default=8080, help="port (the next free one if taken; 0: any free port)")
+    v.add_argument("--out", default="outputs/view", help="folder for saved PNGs, meshes and HTML files")
+    v.add_argument("--resolution", type=int, default=256, help="height of the sharpest resolution step")
+    v.add_argument("--n-coarse", type=int, default=None, help="coarse samples per ray (default: the config's)")
+    v.add_argument("--n-fine", type=int, default=None, help="importance samples per ray (default: the config's)")
     dp = sub.add_parser("depth", help="monocular depth for a folder of images -> name_depth.png (a training folder)")
     dp.add_argument("input", help="folder of images (recursive)")
     dp.add_argument("--out", default=None, help="mirror the depth files under this folder (default: beside the images)")
@@ -221,9 +237,17 @@ def _dispatch(args, p) -> None:
                                 resolution=args.resolution, iso=args.iso, crop=args.crop,
                                 largest_component=args.largest, decimate=args.decimate,
                                 depth_mesh_out=args.depth_mesh, voxels_out=args.voxels,
-                                voxel_resolution=args.voxel_res, device=args.device, backend=args.backend)
+                                voxel_resolution=args.voxel_res, n_coarse=args.n_coarse, n_fine=args.n_fine,
+                                device=args.device, backend=args.backend)
             for k, v in res.items():
                 print(f"{k}: {v}")
+    elif args.cmd == "view":
+        from .view import serve
+        if args.resolution < 8 or (args.n_coarse is not None and args.n_coarse < 2) or (args.n_fine or 0) < 0:
+            p.error("--resolution must be >= 8, --n-coarse >= 2, --n-fine >= 0")
+        serve(args.ckpt, args.input, host=args.host, port=args.port, out=args.out, depth=args.depth,
+              depth_model_dir=args.depth_model, max_height=args.resolution, n_coarse=args.n_coarse,
+              n_fine=args.n_fine, device=args.device, backend=args.backend)
     elif args.cmd == "depth":
         from .depth import estimate_depth_folder
         if args.batch_size < 1:

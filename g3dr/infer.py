@@ -322,22 +322,26 @@ def planes_for(model: G3DR, source: Union[str, Path], depth=None, depth_model_di
 def export_inputs(ckpt, source, out, *, depth=None, depth_model_dir=None, resolution: int = 256, iso: float = 10.0,
                   crop: Optional[Tuple[float, ...]] = None, largest_component: bool = False,
                   decimate: Optional[int] = None, depth_mesh_out=None, voxels_out=None, voxel_resolution: int = 64,
+                  n_coarse: Optional[int] = None, n_fine: Optional[int] = None,
                   device: Optional[str] = None, backend: Optional[str] = None) -> Dict[str, str]:
-    """`g3dr export`: planes (or an image) -> a marching-cubes mesh with vertex colours (`out`: .glb/.obj/.ply),
+    """`g3dr export`: planes (or an image) -> a marching-cubes mesh with vertex colours (`out`: .glb/.obj/.ply)
+    or the single-file WebGL viewer (`out`: .html; n_coarse / n_fine samples, default the model's config),
     optionally the canonical view as a depth mesh and a voxel occupancy grid (.npy/.npz/.binvox)."""
     from g3dr_kernels.cameras import g3dr_cam2world, g3dr_rays
 
+    from .webgl import HTML_FORMATS, export_html
+    html = out is not None and Path(out).suffix.lower() in HTML_FORMATS
     from .export import MESH_FORMATS, VOXEL_FORMATS, check_out, depth_mesh, extract_mesh, save_mesh, save_voxels, \
         voxel_occupancy
     if out is None and depth_mesh_out is None and voxels_out is None:
         raise ValueError("nothing to export: give --out, --depth-mesh and/or --voxels")
-    for path, formats, what in ((out, MESH_FORMATS, "mesh"), (depth_mesh_out, MESH_FORMATS, "depth mesh"),
+    for path, formats, what in ((out, MESH_FORMATS + HTML_FORMATS, "mesh or viewer"), (depth_mesh_out, MESH_FORMATS, "depth mesh"),
                                 (voxels_out, VOXEL_FORMATS, "voxel")):
         if path is not None:  # format, folder and permissions: before any expensive work
             check_out(path, formats, what)
     dev = pick_device(device)
     # the density grid (float32) and marching cubes' working arrays, and the voxel grid
-    check_memory((resolution ** 3 * 16 if out is not None else 0) + (voxel_resolution ** 3 * 8 if voxels_out else 0),
+    check_memory((resolution ** 3 * 16 if out is not None and not html else 0) + (voxel_resolution ** 3 * 8 if voxels_out else 0),
                  f"a {resolution}^3 density grid" if out is not None else f"a {voxel_resolution}^3 voxel grid",
                  "use a smaller --resolution / --voxel-res", dev)
     model = load(ckpt, device, backend)
@@ -350,7 +354,12 @@ def export_inputs(ckpt, source, out, *, depth=None, depth_model_dir=None, resolu
         bbox = (tuple(crop[:3]), tuple(crop[3:]))
     kw = dict(levels=r.levels, box_warp=r.box_warp, plane_axes=r.plane_axes, density_bias=r.density_bias)
     written = {}
-    if out is not None:
+    if html:
+        info = export_html(model, planes, out, n_coarse=n_coarse, n_fine=n_fine, title=Path(str(source)).stem)
+        written["html"] = info["path"]
+        written["html_size"] = (f"{info['bytes'] / 1e6:.2f} MB; planes stored as float16: {info['psnr_fp16']:.1f} dB "
+                                f"PSNR vs float32 (max colour error {info['max_abs_rgb']:.2g})")
+    elif out is not None:
         mesh = extract_mesh(planes, model.decoder, resolution, iso, bbox, largest_component, decimate, **kw)
         written["mesh"] = str(save_mesh(mesh, out))
     if depth_mesh_out is not None:
