@@ -1,4 +1,6 @@
 """The main job end to end (`g3dr demo --quick`: tiny preset, a few steps)."""
+import json
+
 import pytest
 from PIL import Image
 
@@ -14,7 +16,10 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     assert (tmp_path / "turntable" / "video.mp4").stat().st_size > 0
     assert (tmp_path / "depth_mesh.glb").stat().st_size > 0
     assert (tmp_path / "run" / "checkpoints" / "last.pt").is_file()
-    assert "PSNR" in out and "depth err" in out and "speed-up" in out and "torch" in out
+    assert "psnr_covis" in out and "depth_med_obj" in out and "speed-up" in out and "torch" in out
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    assert scores["setup"]["scenes"] == 2 and "fog_obj" in scores["mean"]
+    assert Image.open(tmp_path / "heldout.png").size[1] > 0
     # a second run resumes the finished training run instead of failing on the existing folder
     main(["demo", "--quick", "--out", str(tmp_path), "--device", "cpu", "--frames", "4", "--no-timings"])
     assert "speed-up" not in capsys.readouterr().out
