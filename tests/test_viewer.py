@@ -27,6 +27,7 @@ import pytest
 import torch
 from PIL import Image
 
+from g3dr.checkpoint import save_model
 from g3dr.browser import INSTALL_HINT, Browser, find_chromium
 from g3dr.cli import main
 from g3dr.config import preset
@@ -67,7 +68,7 @@ def scene(tmp_path_factory):
         model.generator.final_conv.weight.mul_(4)
         model.decoder.weight1.mul_(3)
         model.decoder.weight2.mul_(3)
-    torch.save({"model": model.state_dict(), "config": cfg.to_dict(), "step": 0}, d / "model.pt")
+    save_model(model, cfg, d / "model.safetensors")
     for i in range(2):
         img, dep = canonical_rgbd(5 + i, resolution=cfg.model.image_size)
         Image.fromarray((img.permute(1, 2, 0) * 255).round().byte().numpy()).save(d / f"pic{i}.png")
@@ -88,7 +89,7 @@ def _payload(html: str) -> dict:
 
 def test_html_is_one_offline_file_with_the_models_planes(scene, tmp_path, capsys):
     out = tmp_path / "scene.html"
-    main(["export", "--ckpt", str(scene / "model.pt"), "--input", str(scene / "pic0.png"), "--out", str(out),
+    main(["export", "--ckpt", str(scene / "model.safetensors"), "--input", str(scene / "pic0.png"), "--out", str(out),
           "--device", "cpu"])
     printed = capsys.readouterr().out
     assert "float16" in printed and "dB" in printed
@@ -96,7 +97,7 @@ def test_html_is_one_offline_file_with_the_models_planes(scene, tmp_path, capsys
     assert not re.search(r"(src|href)\s*=\s*[\"']?(https?:)?//", html), "the page must not load anything"
     assert "fetch(" not in html and "XMLHttpRequest" not in html
     p = _payload(html)
-    model = load(scene / "model.pt", device="cpu")
+    model = load(scene / "model.safetensors", device="cpu")
     r = model.cfg.render
     assert (p["render"]["n_coarse"], p["render"]["n_fine"], p["render"]["levels"]) == (r.n_coarse, r.n_fine, r.levels)
     # the embedded pyramid is the renderer's own, rounded to float16
@@ -129,10 +130,10 @@ def test_html_size_for_the_small_preset(tmp_path):
 @needs_browser
 def test_html_matches_g3dr_render_in_chromium(scene, tmp_path, browser):
     html = tmp_path / "scene.html"
-    main(["export", "--ckpt", str(scene / "model.pt"), "--input", str(scene / "pic0.png"), "--out", str(html),
+    main(["export", "--ckpt", str(scene / "model.safetensors"), "--input", str(scene / "pic0.png"), "--out", str(html),
           "--device", "cpu"])
     n = preset("tiny").render
-    main(["render", "--ckpt", str(scene / "model.pt"), "--input", str(scene / "pic0.png"), "--out", str(tmp_path / "r"),
+    main(["render", "--ckpt", str(scene / "model.safetensors"), "--input", str(scene / "pic0.png"), "--out", str(tmp_path / "r"),
           "--trajectory", OFFSETS, "--resolution", str(SIZE), "--n-coarse", str(n.n_coarse), "--n-fine", str(n.n_fine),
           "--device", "cpu"])
     yaw, pitch = trajectory(OFFSETS, 0)
@@ -169,7 +170,7 @@ def _port_open(port: int) -> bool:
 @needs_browser
 def test_live_viewer_serves_a_frame_and_stops(scene, tmp_path, browser):
     from g3dr.view import LiveViewer
-    model = load(scene / "model.pt", device="cpu")
+    model = load(scene / "model.safetensors", device="cpu")
     viewer = LiveViewer(model, [scene / "pic0.png", scene / "pic1.png"], port=0, out=tmp_path / "out", max_height=64,
                         verbose=False)
     url = viewer.start()
@@ -229,7 +230,7 @@ def test_viser_camera_matches_g3dr_camera():
 def test_view_cli_prints_the_url_and_stops_on_ctrl_c(scene, tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parent.parent),
                                                         os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen([sys.executable, "-m", "g3dr", "view", "--ckpt", str(scene / "model.pt"), "--input",
+    proc = subprocess.Popen([sys.executable, "-m", "g3dr", "view", "--ckpt", str(scene / "model.safetensors"), "--input",
                              str(scene / "pic0.png"), "--input", str(scene / "pic1.png"), "--port", "0", "--device",
                              "cpu", "--out", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env=env)
