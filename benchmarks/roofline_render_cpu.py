@@ -1,4 +1,4 @@
-"""The cpu fused render's achieved GFLOP/s next to a rough CPU roofline (issue 12, speed part).
+"""The cpu fused render's achieved GFLOP/s next to a rough CPU roofline.
 
 Work counted per sample, fwd+bwd (multiply-add = 2 FLOP; softplus, compositing and index math not
 counted), with T = 12 * levels bilinear taps (3 planes x 4 corners per level), C channels, Hd hidden, O = 1 + D:
@@ -19,7 +19,7 @@ hidden 64, D=3, target, weights in the loss) with B=1: per-sample work is the sa
 
 The rays are those of one camera aimed at random points of the box, in random order (the kernel
 sorts them by position; an image's rays in row-major order run at the same speed, measured).
-With a second argument B the render runs B batch elements (B=2 is the size issue 12 quotes: "4.3 s
+With a second argument B the render runs B batch elements (B=2 is the size of the earlier measurement: "4.3 s
 for B=2 against a rough roofline of ~0.5 s", i.e. 73 GFLOP at ~160 GFLOP/s), and the row also gives
 the time against that quoted roofline.
 
@@ -55,7 +55,7 @@ def best(fn, reps: int) -> float:
     return min(ts)
 
 
-ISSUE_ROOFLINE_S_B2 = 0.5  # issue 12's rough roofline for B=2 at the G3DR size
+ISSUE_ROOFLINE_S_B2 = 0.5  # the rough roofline for B=2 at the G3DR size
 
 
 def main(reps: int = 3, B: int = 1) -> None:

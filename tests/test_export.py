@@ -1,5 +1,5 @@
 """g3dr.export: meshes of a known density (a sphere triplane built here), depth meshes, voxels,
-coloured depth and videos; bad input leaves nothing half-written (issue 9's list)."""
+coloured depth and videos; bad input leaves nothing half-written."""
 import math
 import os
 

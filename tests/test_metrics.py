@@ -1,4 +1,4 @@
-"""g3dr.metrics on cases with known answers (issue 10's list), plus the Table S1 density-scaling helpers."""
+"""g3dr.metrics on cases with known answers, plus the Table S1 density-scaling helpers."""
 import math
 
 import pytest
