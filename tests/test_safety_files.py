@@ -1,4 +1,4 @@
-"""Fault and abuse tests, files (issue 18): no file a user hands us can run code, damaged checkpoints
+"""Fault and abuse tests, files: no file a user hands us can run code, damaged checkpoints
 are refused or skipped, the model-file API, `g3dr convert`.
 
 The malicious file is a pickle whose loading creates a marker file: the marker must never appear,

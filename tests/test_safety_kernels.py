@@ -1,4 +1,4 @@
-"""Non-finite semantics where the C++ CPU kernels differ from the reference (issue 18, item 7), pinned
+"""Non-finite semantics where the C++ CPU kernels differ from the reference, pinned
 as the README states them ("Non-finite input"). Each difference is confined to the ray or the input
 that is already non-finite; the values and every other gradient agree."""
 import pytest

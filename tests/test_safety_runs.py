@@ -1,4 +1,4 @@
-"""Fault and abuse tests, runs and outputs (issue 18): SIGKILL at random moments, concurrent trainings,
+"""Fault and abuse tests, runs and outputs: SIGKILL at random moments, concurrent trainings,
 --overwrite, data checked up front, strict stats.jsonl, a full disk, one-line errors, render outputs
 that cannot collide or go stale."""
 import errno
