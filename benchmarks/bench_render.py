@@ -29,7 +29,7 @@ import torch
 import g3dr_kernels
 from benchmarks import official
 from benchmarks._harness import fwd_bwd, run_case
-from g3dr_kernels import _backend, reference
+from g3dr_kernels import _backend, sampling
 
 _SMALL = dict(B=2, C=32, H=64, R=4096, S=48, hidden=64, D=3, levels=3)
 _G3DR = dict(B=8, C=64, H=128, R=16384, S=64, hidden=64, D=3, levels=3)
@@ -71,8 +71,8 @@ def _inputs(cfg):
     aim = 0.6 * (torch.rand(B, R, 3, generator=g) - 0.5)
     rays_o = cam.expand(B, R, 3).contiguous()
     rays_d = torch.nn.functional.normalize(aim - rays_o, dim=-1)
-    near, far, _ = reference.ray_box_bounds(rays_o, rays_d, 2.0)
-    depths = reference.stratified_depths(near, far, S, perturb=True, generator=g)
+    near, far, _ = sampling.ray_box_bounds(rays_o, rays_d, 2.0)
+    depths = sampling.stratified_depths(near, far, S, perturb=True, generator=g)
     target = near + (far - near) * (0.4 + 0.2 * torch.rand(B, R, generator=g))
     w1 = torch.randn(Hd, C, generator=g) / math.sqrt(C)
     b1 = 0.1 * torch.randn(Hd, generator=g)

@@ -137,7 +137,7 @@ def _cases(B: int, dev: str = "cuda", size: Dict = G3DR_SIZE):
     training size); impls: the official path ("baseline") and the fused backends usable on dev."""
     import torch
     import g3dr_kernels as K
-    from g3dr_kernels import _backend, reference
+    from g3dr_kernels import _backend, sampling
     from g3dr_kernels.nn import TriplaneDecoder, TriplaneRenderer
     from benchmarks import official
     g = torch.Generator(device=dev).manual_seed(0)
@@ -146,8 +146,8 @@ def _cases(B: int, dev: str = "cuda", size: Dict = G3DR_SIZE):
     cam = torch.nn.functional.normalize(torch.randn(B, 1, 3, device=dev, generator=g), dim=-1) * 2.7
     rays_o = cam.expand(B, R, 3).contiguous()
     rays_d = torch.nn.functional.normalize(0.6 * (torch.rand(B, R, 3, device=dev, generator=g) - 0.5) - rays_o, dim=-1)
-    near, far, _ = reference.ray_box_bounds(rays_o, rays_d, 2.0)
-    depths = reference.stratified_depths(near, far, S, perturb=True, generator=g)
+    near, far, _ = sampling.ray_box_bounds(rays_o, rays_d, 2.0)
+    depths = sampling.stratified_depths(near, far, S, perturb=True, generator=g)
     target = near + (far - near) * (0.4 + 0.2 * torch.rand(B, R, device=dev, generator=g))
     w1 = (torch.randn(Hd, C, device=dev, generator=g) / C ** 0.5).requires_grad_()
     b1 = torch.zeros(Hd, device=dev, requires_grad=True)

@@ -7,6 +7,7 @@ Run: PYTHONPATH=$PWD python benchmarks/profile_render_cpu.py [reps]. Results: be
 profile_render_cpu.md. A rough split by ablation, not a profiler: timings on a shared machine are noisy."""
 import statistics, sys, time, math
 import torch, g3dr_kernels as K
+import g3dr_kernels.sampling  # noqa: F401 (K.sampling)
 torch.manual_seed(0)
 import os
 B, C, H, R, S, D = 2, 32, 64, 4096, 48, 3
@@ -16,8 +17,8 @@ planes = torch.randn(B, 3, C, H, H) * 0.5
 eye = torch.nn.functional.normalize(torch.randn(B, 1, 3), dim=-1) * 2.7
 ro = (eye + 0.05 * torch.randn(B, R, 3)).contiguous()
 rd = torch.nn.functional.normalize(0.8 * (torch.rand(B, R, 3) - 0.5) - ro, dim=-1)
-near, far, hit = K.reference.ray_box_bounds(ro, rd, 2.0)
-dz = K.reference.stratified_depths(near, far, S)
+near, far, hit = K.sampling.ray_box_bounds(ro, rd, 2.0)
+dz = K.sampling.stratified_depths(near, far, S)
 tgt = 0.5 * (near + far)
 def run(hidden, bwd):
     w1 = (torch.randn(hidden, C) / math.sqrt(C)).requires_grad_(bwd); b1 = torch.zeros(hidden).requires_grad_(bwd)

@@ -35,7 +35,7 @@ import time
 import torch
 
 import g3dr_kernels as K
-from g3dr_kernels import reference
+from g3dr_kernels import sampling
 
 
 def flops_bytes_per_sample(C: int, Hd: int, O: int, levels: int) -> tuple[float, float]:
@@ -72,8 +72,8 @@ def main(reps: int = 3, B: int = 1) -> None:
     cam = torch.nn.functional.normalize(torch.randn(B, 1, 3), dim=-1) * 2.7
     rays_o = cam.expand(B, R, 3).contiguous()
     rays_d = torch.nn.functional.normalize(0.6 * (torch.rand(B, R, 3) - 0.5) - rays_o, dim=-1)
-    near, far, _ = reference.ray_box_bounds(rays_o, rays_d, 2.0)
-    depths = reference.stratified_depths(near, far, S)
+    near, far, _ = sampling.ray_box_bounds(rays_o, rays_d, 2.0)
+    depths = sampling.stratified_depths(near, far, S)
     target = near + 0.5 * (far - near)
     dec = [(torch.randn(Hd, C) / math.sqrt(C)).requires_grad_(True), torch.zeros(Hd, requires_grad=True),
            (torch.randn(1 + D, Hd) / math.sqrt(Hd)).requires_grad_(True), torch.zeros(1 + D, requires_grad=True)]

@@ -19,6 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union, get_args, get_origin, get_type_hints
 
+from g3dr_kernels import DepthKernel
+from g3dr_kernels.nn import SAMPLINGS, TARGET_MODES, RendererOptions
+
 
 @dataclass
 class ModelConfig:
@@ -39,30 +42,35 @@ class ModelConfig:
 
 
 @dataclass
-class RenderConfig:
-    """Camera and the triplane renderer (g3dr_kernels.nn.TriplaneRenderer)."""
+class RenderConfig(RendererOptions):
+    """Camera, the depth kernel, and the triplane renderer's options. The renderer's options are
+    `g3dr_kernels.nn.RendererOptions` (every field, default and check there); this class adds the
+    camera and the kernel, and sets G3DR's own defaults where they differ from the library's."""
     fov: float = 18.0                   # degrees, over the outermost pixel centres
     radius: float = 5.0                 # canonical camera distance
+    # G3DR's values for options of the renderer (the library's defaults are its own choices)
     n_coarse: int = 32
     n_fine: int = 32
     sampling: str = "eg3d"              # "eg3d" (official sample placement) | "uniform"
     target_mode: str = "replace"        # target samples replace the fine ones ("replace", official) or are added
-    n_target: int = 32                  # samples around the target depth (canonical view)
+    n_target: int = 32                  # samples around the target depth in "add" mode (unused by "replace")
     target_prob: float = 0.4            # probability of taking the target samples in a canonical step
-    target_spread: float = 0.05         # +- spread of the target samples (depth units)
-    box_warp: float = 2.0
-    levels: int = 3
-    plane_axes: str = "eg3d"
-    density_bias: float = -1.0
-    white_background: bool = False
     depth_kernel: bool = True           # G3DR's depth-kernel gradient scaling on canonical views
     kernel_start: float = 0.0           # fraction of the steps before which the kernel scales no gradient
-    kernel_s1: float = 1.25
-    kernel_s2: float = 0.03
-    kernel_c_min: float = 0.05
-    kernel_c_max: float = 1.0
-    perturb: bool = True                # jittered samples in training
-    backend: str = "auto"               # g3dr_kernels backend ("torch" = the reference path)
+    kernel_s1: float = DepthKernel.s1   # the kernel's parameters (g3dr_kernels.DepthKernel)
+    kernel_s2: float = DepthKernel.s2
+    kernel_c_min: float = DepthKernel.c_min
+    kernel_c_max: float = DepthKernel.c_max
+
+    def renderer_options(self, **overrides) -> RendererOptions:
+        """The validated renderer options of this config (single fields overridable). In "replace" mode the
+        fine samples become the target samples, so the renderer gets n_target = 0."""
+        if self.target_mode == "replace" and "n_target" not in overrides:
+            overrides["n_target"] = 0
+        return RendererOptions.build(self, prefix="render.", **overrides)
+
+    def kernel(self) -> DepthKernel:
+        return DepthKernel(self.kernel_s1, self.kernel_s2, self.kernel_c_min, self.kernel_c_max)
 
 
 @dataclass
@@ -183,6 +191,11 @@ def _sections(cfg) -> List[str]:
 def _coerce(value, typ, name: str):
     """Convert a YAML/CLI value to the field's declared type, or raise a ValueError naming the field."""
     origin = get_origin(typ)
+    if origin is Union and type(None) in get_args(typ):  # Optional[X]: None, "none" or "null", else an X
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null")):
+            return None
+        inner = [a for a in get_args(typ) if a is not type(None)]
+        return _coerce(value, inner[0], name)
     try:
         if typ is bool:
             if isinstance(value, str):
@@ -297,17 +310,12 @@ def validate(cfg: Config) -> None:
         if w % m.groups:
             raise ValueError(f"U-Net width {w} (model.base_width x width_mults) is not divisible by model.groups="
                              f"{m.groups}")
-    if r.n_coarse < 2 or r.n_fine < 0 or r.n_target < 0:
-        raise ValueError(f"render needs n_coarse >= 2, n_fine >= 0, n_target >= 0; got {r.n_coarse}, {r.n_fine}, "
-                         f"{r.n_target}")
     _check_choice("model.plane_layout", m.plane_layout, ("native", "image"))
-    _check_choice("render.sampling", r.sampling, ("eg3d", "uniform"))
-    _check_choice("render.target_mode", r.target_mode, ("replace", "add"))
-    if not 0 <= r.target_prob <= 1:
-        raise ValueError(f"render.target_prob must be in [0, 1], got {r.target_prob}")
-    if not 0 < r.fov < 180 or r.radius <= 0 or r.box_warp <= 0:
-        raise ValueError(f"render.fov in (0,180), radius > 0 and box_warp > 0 needed, got {r.fov}, {r.radius}, "
-                         f"{r.box_warp}")
+    _check_choice("render.sampling", r.sampling, SAMPLINGS)
+    _check_choice("render.target_mode", r.target_mode, TARGET_MODES)
+    r.renderer_options()  # validates every renderer option
+    if not 0 < r.fov < 180 or r.radius <= 0:
+        raise ValueError(f"render.fov in (0,180) and radius > 0 needed, got {r.fov}, {r.radius}")
     _check_choice("loss.recon", lo.recon, ("l1", "mse"))
     _check_choice("loss.depth", lo.depth, ("l1", "smooth_l1"))
     _check_choice("loss.clip_loss", lo.clip_loss, ("l1", "cosine"))
@@ -339,9 +347,10 @@ def validate(cfg: Config) -> None:
             raise ValueError(f"loss.{name} must be >= 0, got {getattr(lo, name)}")
     if not all(0 <= b < 1 for b in s.betas):
         raise ValueError(f"schedule.betas must be in [0, 1), got {s.betas}")
-    if r.kernel_s2 <= 0 or r.kernel_c_min > r.kernel_c_max:
-        raise ValueError(f"render needs kernel_s2 > 0 and kernel_c_min <= kernel_c_max; got {r.kernel_s2}, "
-                         f"{r.kernel_c_min}, {r.kernel_c_max}")
+    try:
+        r.kernel()
+    except ValueError as e:  # DepthKernel's message, in the config's field names
+        raise ValueError(f"render.kernel_*: {e}".replace("DepthKernel.", "kernel_")) from None
     if cfg.data.num_workers < 0 or cfg.data.synthetic_scenes < 1:
         raise ValueError(f"data needs num_workers >= 0 and synthetic_scenes >= 1; got {cfg.data.num_workers}, "
                          f"{cfg.data.synthetic_scenes}")

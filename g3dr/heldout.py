@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from g3dr_kernels import reference, render_triplanes
+from g3dr_kernels import render_triplanes, sampling
 from g3dr_kernels.cameras import g3dr_cam2world, g3dr_rays
 
 from .cameras import CANONICAL_PITCH, CANONICAL_YAW
@@ -73,7 +73,7 @@ def opacity_in_front(model, planes: torch.Tensor, rays_o: torch.Tensor, rays_d: 
     """Opacity accumulated along rays [1,R,3] from the box entry up to depth `stop` [1,R] (0 where the
     ray reaches `stop` before the box): how much the model occludes what lies behind."""
     r = model.cfg.render
-    near, _, _ = reference.ray_box_bounds(rays_o, rays_d, r.box_warp)
+    near, _, _ = sampling.ray_box_bounds(rays_o, rays_d, r.box_warp)
     end = torch.maximum(stop, near)
     s = torch.linspace(0, 1, n, device=rays_o.device, dtype=rays_o.dtype)
     depths = (near[..., None] + (end - near)[..., None] * s).contiguous()

@@ -23,6 +23,7 @@ from g3dr_kernels.cameras import g3dr_cam2world, g3dr_rays
 from g3dr_kernels.nn import TriplaneDecoder, TriplaneRenderer
 
 from .config import Config, ModelConfig
+from .metrics import density_scaled_rays
 
 
 def _std_weight(w: torch.Tensor) -> torch.Tensor:
@@ -286,16 +287,11 @@ class G3DR(nn.Module):
         """A TriplaneRenderer on this model's decoder with the config's options (sample counts, backend
         and sampling overridable, e.g. 64+64 deterministic samples for stills)."""
         r = self.cfg.render
+        given = dict(n_coarse=n_coarse, n_fine=n_fine, backend=backend or None, sampling=sampling)
         # depth_kernel=False (the ablation) keeps the target samples but scales no gradient
-        kernel = DepthKernel(r.kernel_s1, r.kernel_s2, r.kernel_c_min, r.kernel_c_max) if r.depth_kernel else _NO_KERNEL
-        n_fine = r.n_fine if n_fine is None else n_fine
-        return TriplaneRenderer(
-            self.decoder, n_coarse=r.n_coarse if n_coarse is None else n_coarse, n_fine=n_fine,
-            # "replace" (G3DR): the n_fine samples themselves become the target samples
-            n_target=0 if r.target_mode == "replace" else r.n_target, target_prob=r.target_prob,
-            target_spread=r.target_spread, levels=r.levels, box_warp=r.box_warp, plane_axes=r.plane_axes,
-            density_bias=r.density_bias, white_background=r.white_background, kernel=kernel, perturb=r.perturb,
-            backend=backend or r.backend, sampling=sampling or r.sampling, target_mode=r.target_mode)
+        kernel = r.kernel() if r.depth_kernel else _NO_KERNEL
+        return TriplaneRenderer(self.decoder, r.renderer_options(**{k: v for k, v in given.items() if v is not None}),
+                                kernel=kernel)
 
     def planes(self, image: torch.Tensor, depth: torch.Tensor) -> torch.Tensor:
         """image [B,3,H,W] in [0,1], depth [B,1,H,W] -> planes [B,3,C,H,W] (float32)."""
@@ -320,8 +316,7 @@ class G3DR(nn.Module):
         """Switch the depth-kernel gradient scaling (render.depth_kernel) on or off for the next steps
         (render.kernel_start: off at first, then on)."""
         r = self.cfg.render
-        on = on and r.depth_kernel
-        self.renderer.kernel = DepthKernel(r.kernel_s1, r.kernel_s2, r.kernel_c_min, r.kernel_c_max) if on else _NO_KERNEL
+        self.renderer.kernel = r.kernel() if on and r.depth_kernel else _NO_KERNEL
 
     @torch.no_grad()
     def reconstruct(self, image, depth) -> torch.Tensor:
@@ -369,14 +364,12 @@ class G3DR(nn.Module):
         N = cameras.shape[0]
         if planes.dim() != 5 or planes.shape[0] not in (1, N):
             raise ValueError(f"render: planes must be [1 or N={N},3,C,H,W], got {list(planes.shape)}")
-        if not (sigma_scale > 0 and math.isfinite(sigma_scale)):
-            raise ValueError(f"render: sigma_scale must be a finite number > 0, got {sigma_scale}")
         # stills: "uniform" sampling, which is deterministic in eval mode (EG3D's always jitters: flicker)
         dc, df = self.still_samples()
         renderer = self.make_renderer(dc if n_coarse is None else n_coarse, df if n_fine is None else n_fine, backend,
                                       sampling="uniform").eval()
         rays_o, rays_d = g3dr_rays(cameras.to(dev).float(), r.fov, res)
-        rays_d = rays_d / sigma_scale  # density x s == the same field along rays s times slower (depth x s)
+        rays_d, _ = density_scaled_rays(rays_d, sigma_scale)  # exact: the depth comes out x s, divided below
         outs = {"rgb": [], "depth": [], "opacity": []}
         for i in range(N):
             p = planes[i:i + 1] if planes.shape[0] == N else planes

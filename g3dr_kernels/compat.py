@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import reference
+from . import reference, sampling
 from ._types import DepthKernel
 from ._validate import check_backend
 from .functional import sample_triplanes
@@ -284,12 +284,12 @@ class EG3DImportanceRenderer(nn.Module):
         dt = torch.get_default_dtype() if num else ray_start.dtype
         near = torch.full((B, R), ray_start, dtype=dt, device=ray_origins.device) if num else ray_start.reshape(B, R)
         far = torch.full((B, R), ray_end, dtype=dt, device=ray_origins.device) if num else ray_end.reshape(B, R)
-        return reference.eg3d_stratified_depths(near, far, depth_resolution,
+        return sampling.eg3d_stratified_depths(near, far, depth_resolution,
                                                 disparity=disparity_space_sampling).unsqueeze(-1)
 
     def sample_importance(self, z_vals, weights, N_importance):
         """EG3D's sample_importance: z_vals [B,R,S,1], weights [B,R,S-1,1] -> [B,R,N,1]."""
-        return reference.eg3d_importance_depths(z_vals[..., 0], weights[..., 0], N_importance).unsqueeze(-1)
+        return sampling.eg3d_importance_depths(z_vals[..., 0], weights[..., 0], N_importance).unsqueeze(-1)
 
 
 class G3DRImportanceRenderer(EG3DImportanceRenderer):

@@ -2,13 +2,15 @@
 g3dr_kernels.functional. Shapes: B batch, R rays, S samples per ray, C plane channels."""
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
 from torch import nn
 
-from . import reference
+from . import reference, sampling
 from ._types import Composite, DepthKernel
 from ._validate import check_backend, check_box_warp, plane_axes_code
 from .functional import composite, render_triplanes, sample_triplanes
@@ -63,6 +65,77 @@ def _check_number(name: str, v, lo: float, hi: float = math.inf) -> None:
         raise ValueError(f"{name} must be a finite number in [{lo}, {hi}], got {v!r}")
 
 
+@dataclass
+class RendererOptions:
+    """Every option of `TriplaneRenderer`, with its default and its check, in one place (see the
+    renderer's docstring for what each does). `validate(prefix)` raises naming the field, with the prefix
+    an application puts before its own field names (e.g. "render.")."""
+
+    n_coarse: int = 48
+    n_fine: int = 48
+    n_target: int = 0
+    target_prob: float = 0.5
+    target_spread: float = 0.05
+    ray_start: Optional[float] = None
+    ray_end: Optional[float] = None
+    levels: int = 3
+    box_warp: float = 2.0
+    plane_axes: str = "eg3d"
+    density_bias: float = -1.0
+    eps: float = 1e-3
+    white_background: bool = False
+    perturb: bool = True
+    backend: str = "auto"
+    sampling: str = "uniform"
+    target_mode: str = "add"
+    disparity_space_sampling: bool = False
+    density_noise: float = 0.0
+
+    @classmethod
+    def build(cls, options: Optional["RendererOptions"] = None, *, prefix: str = "", **overrides) -> "RendererOptions":
+        """options (or the defaults) with single fields replaced, validated (errors name fields with
+        `prefix`). Takes only this class's fields from `options`, so a subclass (an application config that
+        embeds these options) works too."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise TypeError(f"unknown renderer option(s) {unknown}; options are {sorted(names)}")
+        base = {} if options is None else {n: getattr(options, n) for n in names}
+        opts = cls(**{**base, **overrides})
+        opts.validate(prefix)
+        return opts
+
+    def validate(self, prefix: str = "") -> None:
+        p = prefix
+        if self.sampling not in SAMPLINGS:
+            raise ValueError(f"unknown {p}sampling {self.sampling!r}; expected one of {SAMPLINGS}")
+        if self.target_mode not in TARGET_MODES:
+            raise ValueError(f"unknown {p}target_mode {self.target_mode!r}; expected one of {TARGET_MODES}")
+        check_backend(self.backend)
+        plane_axes_code(self.plane_axes)
+        check_box_warp(self.box_warp)
+        _check_int(p + "levels", self.levels, 1)
+        _check_int(p + "n_fine", self.n_fine, 0)
+        _check_int(p + "n_coarse", self.n_coarse, 4 if self.sampling == "eg3d" and self.n_fine > 0 else 2)
+        _check_int(p + "n_target", self.n_target, 0)
+        _check_number(p + "target_prob", self.target_prob, 0.0, 1.0)
+        _check_number(p + "target_spread", self.target_spread, 0.0)
+        _check_number(p + "density_noise", self.density_noise, 0.0)
+        _check_number(p + "eps", self.eps, 0.0)
+        _check_number(p + "density_bias", self.density_bias, -math.inf)
+        if self.target_mode == "replace" and self.n_target:
+            raise ValueError(f"{p}target_mode='replace' replaces the n_fine samples; {p}n_target must be 0, got "
+                             f"{self.n_target}")
+        if self.target_mode == "replace" and self.n_fine == 0:
+            raise ValueError(f"{p}target_mode='replace' replaces the n_fine importance samples, so {p}n_fine must "
+                             f"be >= 1")
+        start, end = self.ray_start, self.ray_end
+        if (start is None) != (end is None) or (start is not None and not end > start):
+            raise ValueError(f"give both {p}ray_start < {p}ray_end or neither, got {start}, {end}")
+        if self.disparity_space_sampling and start is not None and not start > 0:
+            raise ValueError(f"{p}disparity_space_sampling needs {p}ray_start > 0, got {start}")
+
+
 class TriplaneRenderer(nn.Module):
     """EG3D ImportanceRenderer equivalent on the fused kernels.
 
@@ -78,7 +151,7 @@ class TriplaneRenderer(nn.Module):
     sampling="eg3d" (EG3D's ImportanceRenderer and G3DR, exactly): coarse
     t_i = near + (i + u_i)(far - near)/(n - 1), always jittered (train and eval; perturb=False pins
     u_i = 0.5); importance bins between coarse midpoints; rays that miss the box span the smallest
-    to the largest entry depth of the batch's hit rays (see `reference.eg3d_ray_bounds`). With no
+    to the largest entry depth of the batch's hit rays (see `sampling.eg3d_ray_bounds`). With no
     generator, random numbers come from torch's global RNG (and Python's `random` for the G3DR target
     draw) in the shapes, dtypes and order of the official code, so the same seeds give the same samples.
 
@@ -96,52 +169,31 @@ class TriplaneRenderer(nn.Module):
     final (EG3D's option; then the decoder runs unfused between the sample and composite kernels).
     """
 
-    def __init__(self, decoder: TriplaneDecoder, *, n_coarse: int = 48, n_fine: int = 48, n_target: int = 0,
-                 target_prob: float = 0.5, target_spread: float = 0.05, ray_start: Optional[float] = None,
-                 ray_end: Optional[float] = None, levels: int = 3, box_warp: float = 2.0, plane_axes: str = "eg3d",
-                 density_bias: float = -1.0, eps: float = 1e-3, white_background: bool = False,
-                 kernel: DepthKernel = DepthKernel(), perturb: bool = True, backend: str = "auto",
-                 sampling: str = "uniform", target_mode: str = "add", disparity_space_sampling: bool = False,
-                 density_noise: float = 0.0):
+    def __init__(self, decoder: TriplaneDecoder, options: Optional[RendererOptions] = None, *,
+                 kernel: DepthKernel = DepthKernel(), **overrides):
+        """options: a RendererOptions (default: its defaults); keyword overrides replace single fields,
+        e.g. `TriplaneRenderer(decoder, n_coarse=64, sampling="eg3d")`."""
         super().__init__()
         if not callable(getattr(decoder, "effective_params", None)):
             raise TypeError(f"decoder must provide effective_params() (a TriplaneDecoder or compat.OSGDecoder), "
                             f"got {type(decoder).__name__}")
-        if sampling not in SAMPLINGS:
-            raise ValueError(f"unknown sampling {sampling!r}; expected one of {SAMPLINGS}")
-        if target_mode not in TARGET_MODES:
-            raise ValueError(f"unknown target_mode {target_mode!r}; expected one of {TARGET_MODES}")
-        check_backend(backend)
-        plane_axes_code(plane_axes)
-        check_box_warp(box_warp)
-        _check_int("levels", levels, 1)
-        _check_int("n_fine", n_fine, 0)
-        _check_int("n_coarse", n_coarse, 4 if sampling == "eg3d" and n_fine > 0 else 2)
-        _check_int("n_target", n_target, 0)
-        _check_number("target_prob", target_prob, 0.0, 1.0)
-        _check_number("target_spread", target_spread, 0.0)
-        _check_number("density_noise", density_noise, 0.0)
-        _check_number("eps", eps, 0.0)
-        _check_number("density_bias", density_bias, -math.inf)
         if not isinstance(kernel, DepthKernel):
             raise TypeError(f"kernel must be a DepthKernel, got {type(kernel).__name__}")
-        if target_mode == "replace" and n_target:
-            raise ValueError(f"target_mode='replace' replaces the n_fine samples; n_target must be 0, got {n_target}")
-        if target_mode == "replace" and n_fine == 0:
-            raise ValueError("target_mode='replace' replaces the n_fine importance samples, so n_fine must be >= 1")
-        if (ray_start is None) != (ray_end is None) or (ray_start is not None and not ray_end > ray_start):
-            raise ValueError(f"give both ray_start < ray_end or neither, got {ray_start}, {ray_end}")
-        if disparity_space_sampling and ray_start is not None and not ray_start > 0:
-            raise ValueError(f"disparity_space_sampling needs ray_start > 0, got {ray_start}")
-        self.decoder = decoder
-        self.n_coarse, self.n_fine, self.n_target = n_coarse, n_fine, n_target
-        self.target_prob, self.target_spread = target_prob, target_spread
-        self.ray_start, self.ray_end = ray_start, ray_end
-        self.levels, self.box_warp, self.plane_axes = levels, box_warp, plane_axes
-        self.density_bias, self.eps, self.white_background = density_bias, eps, white_background
-        self.kernel, self.perturb, self.backend = kernel, perturb, backend
-        self.sampling, self.target_mode = sampling, target_mode
-        self.disparity_space_sampling, self.density_noise = bool(disparity_space_sampling), float(density_noise)
+        opts = RendererOptions.build(options, **overrides)
+        self.decoder, self.kernel = decoder, kernel
+        for f in dataclasses.fields(RendererOptions):  # the options are plain attributes (one copy, no sync)
+            setattr(self, f.name, getattr(opts, f.name))
+
+    @property
+    def options(self) -> RendererOptions:
+        """The current options (a new RendererOptions read from the attributes)."""
+        return RendererOptions(**{f.name: getattr(self, f.name) for f in dataclasses.fields(RendererOptions)})
+
+    def with_options(self, **overrides) -> "TriplaneRenderer":
+        """A renderer on the same decoder and kernel with some options changed (it holds no parameters of
+        its own, so this is cheap), e.g. deterministic stills: `with_options(sampling="uniform").eval()`."""
+        r = TriplaneRenderer(self.decoder, RendererOptions.build(self.options, **overrides), kernel=self.kernel)
+        return r.train(self.training)
 
     def extra_repr(self) -> str:
         return (f"sampling={self.sampling!r}, n_coarse={self.n_coarse}, n_fine={self.n_fine}, "
@@ -178,7 +230,7 @@ class TriplaneRenderer(nn.Module):
         if self.ray_start is not None:
             shape = rays_o.shape[:2]
             return (rays_o.new_full(shape, self.ray_start), rays_o.new_full(shape, self.ray_end))
-        fn = reference.eg3d_ray_bounds if self.sampling == "eg3d" else reference.ray_box_bounds
+        fn = sampling.eg3d_ray_bounds if self.sampling == "eg3d" else sampling.ray_box_bounds
         near, far, _ = fn(rays_o, rays_d, self.box_warp)
         return near, far
 
@@ -190,9 +242,9 @@ class TriplaneRenderer(nn.Module):
             u_dtype = near.dtype if self.ray_start is None else torch.get_default_dtype()
             # and, with box bounds (not disparity), in the [S,B,R] memory order of its permuted linspace
             first = self.ray_start is None and not self.disparity_space_sampling
-            return reference.eg3d_stratified_depths(near, far, n, u=u, generator=generator, u_dtype=u_dtype,
+            return sampling.eg3d_stratified_depths(near, far, n, u=u, generator=generator, u_dtype=u_dtype,
                                                     disparity=self.disparity_space_sampling, samples_first=first)
-        return reference.stratified_depths(near, far, n, perturb=self.perturb and self.training, generator=generator,
+        return sampling.stratified_depths(near, far, n, perturb=self.perturb and self.training, generator=generator,
                                            disparity=self.disparity_space_sampling)
 
     def _sample(self, planes, rays_o, rays_d, target_depth, generator):
@@ -208,29 +260,29 @@ class TriplaneRenderer(nn.Module):
             if self.n_fine > 0:
                 fine = None
                 if target_depth is not None and self.target_mode == "replace":
-                    if reference.target_branch(self.target_prob, generator=generator, rule="g3dr"):
-                        fine = reference.target_linspace_depths(target_depth, self.n_fine, self.target_spread)
+                    if sampling.target_branch(self.target_prob, generator=generator, rule="g3dr"):
+                        fine = sampling.target_linspace_depths(target_depth, self.n_fine, self.target_spread)
                 if fine is None:
                     planes_d = planes.detach() if isinstance(planes, torch.Tensor) else [p.detach() for p in planes]
                     w = self._render(planes_d, rays_o, rays_d, coarse, params, return_weights=True,
                                      noise=noise[0]).weights
                     if self.sampling == "eg3d":
-                        fine = reference.eg3d_importance_depths(coarse, w, self.n_fine, generator=generator)
+                        fine = sampling.eg3d_importance_depths(coarse, w, self.n_fine, generator=generator)
                     else:
-                        fine = reference.importance_depths(coarse, w, self.n_fine, generator=generator,
+                        fine = sampling.importance_depths(coarse, w, self.n_fine, generator=generator,
                                                            deterministic=not (self.perturb and self.training))
                 sets.append(fine)
                 noise.append(self._noise(B, R, self.n_fine, params[0], generator))
             if target_depth is not None and self.target_mode == "add" and self.n_target > 0:
-                if reference.target_branch(self.target_prob, generator=generator, rule="below"):
+                if sampling.target_branch(self.target_prob, generator=generator, rule="below"):
                     perturb = self.perturb and self.training
-                    sets.append(reference.depths_around_target(target_depth, self.n_target, self.target_spread,
+                    sets.append(sampling.depths_around_target(target_depth, self.n_target, self.target_spread,
                                                                near=near, far=far, perturb=perturb,
                                                                generator=generator))
                     noise.append(self._noise(B, R, self.n_target, params[0], generator))
             if len(sets) == 1:
                 return coarse, noise[0]
-            depths, order = reference.merge_depths(*sets, return_indices=True)
+            depths, order = sampling.merge_depths(*sets, return_indices=True)
             if noise[0] is not None:
                 return depths, torch.cat(noise, -1).gather(-1, order)
             return depths, None
