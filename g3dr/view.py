@@ -373,9 +373,9 @@ def serve(ckpt, inputs: Sequence[Union[str, Path]], *, host: str = "127.0.0.1", 
     items = [p for src in inputs for p in list_inputs(src)]
     viewer = LiveViewer(model, items, host=host, port=port, out=out, depth=depth, depth_model_dir=depth_model_dir,
                         max_height=max_height, n_coarse=n_coarse, n_fine=n_fine)
-    url = viewer.start()
-    print(f"g3dr view: {len(items)} input(s) at {url}  (Ctrl-C to stop)", flush=True)
-    try:
+    try:  # from the start: a Ctrl-C that lands while the server starts or the URL prints still stops cleanly
+        url = viewer.start()
+        print(f"g3dr view: {len(items)} input(s) at {url}  (Ctrl-C to stop)", flush=True)
         while True:
             time.sleep(0.5)
     except KeyboardInterrupt:
