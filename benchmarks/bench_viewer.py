@@ -131,8 +131,8 @@ def screenshots(out: Path, tmp: Path, model=None, planes=None) -> None:
         b.open(html.as_uri() + "#yaw=1.9&pitch=1.25&size=256")
         b.wait("window.g3drReady === true || window.g3drError !== null", 3600, poll=0.5)
         Image.fromarray(b.screenshot()).save(out / "viewer_html.png", optimize=True)
-    pt = tmp / "planes.pt"
-    torch.save({"planes": planes.cpu()}, pt)
+    from g3dr.infer import save_planes
+    pt = save_planes(tmp / "planes.safetensors", planes.cpu(), model.cfg)
     viewer = LiveViewer(model, [pt], port=0, out=tmp / "view", max_height=256, verbose=False, **ns)
     url = viewer.start()
     yaw, pitch, r = 1.9, 1.25, model.cfg.render.radius  # the 3DGP spherical convention, as in the HTML shot

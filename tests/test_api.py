@@ -246,7 +246,7 @@ def test_empty_batch_every_op(backend_device):
 
 @pytest.mark.parametrize("backend_device", ALL + backend_params("render"))
 def test_non_finite_rays_give_nan_like_the_reference(backend_device):
-    """Decision (README): a ray with a NaN/inf origin or direction renders NaN on every backend, as the
+    """Decision (docs/backends.md): a ray with a NaN/inf origin or direction renders NaN on every backend, as the
     reference (grid_sample) does, and its NaN reaches the gradients on every backend alike; non-finite
     depths and targets are rejected at the boundary (test_render above)."""
     backend, dev = backend_device

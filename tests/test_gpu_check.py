@@ -1,5 +1,5 @@
 """`make gpu-check` (benchmarks/gpu_check.py): the parts that run without a GPU. The GPU stages
-themselves run only on a machine with one (see the README)."""
+themselves run only on a machine with one (see docs/backends.md)."""
 import json
 import os
 import shutil

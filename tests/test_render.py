@@ -182,7 +182,7 @@ def test_deterministic():
 @cpu_only
 def test_deterministic_mode_ignores_thread_count():
     """The backward splits rays into per-thread chunks whose plane gradients are summed in a fixed order:
-    reproducible for one thread count, but rounding differs between counts (README). Under
+    reproducible for one thread count, but rounding differs between counts (docs/backends.md). Under
     torch.use_deterministic_algorithms(True) the split no longer depends on the thread count."""
     inp = _inputs(B=1, R=256, S=6, C=4, hidden=8, D=3, sizes=((8, 8),), seed=3)
     threads, was = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()

@@ -1,5 +1,5 @@
 """Non-finite semantics where the C++ CPU kernels differ from the reference, pinned
-as the README states them ("Non-finite input"). Each difference is confined to the ray or the input
+as docs/backends.md states them ("Non-finite input"). Each difference is confined to the ray or the input
 that is already non-finite; the values and every other gradient agree."""
 import pytest
 import torch
