@@ -25,14 +25,14 @@ from typing import Callable, Dict, Optional, Tuple
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from . import cameras, checkpoint, metrics, runs, schedules
 from .config import Config, save_yaml
 from .data import StepBatchSampler, build_dataset
-from .infer import pick_device
+from .devices import pick_device
+from .files import atomic_write, write_png
 from .losses import Criterion, needs
 from .model import G3DR
 
@@ -429,9 +429,7 @@ def _grid_image(model: G3DR, cfg: Config, image, depth, path: Path, device) -> N
         grid = torch.cat([torch.cat(list(c), 1) for c in cols], 2)  # rows = items, columns = panels
     arr = (grid.permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    Image.fromarray(arr).save(tmp)
-    tmp.replace(path)
+    write_png(path, arr)
 
 
 CURVES = (("loss terms", ("total", "recon", "depth", "lpips", "clip", "tv", "opacity")),
@@ -479,8 +477,8 @@ def plot_curves(stats: Path, path: Path, smooth: int = 9) -> Optional[Path]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=80)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
+    finally:
+        plt.close(fig)
     return path
