@@ -66,8 +66,8 @@ def check_depth_model_dir(model_dir: Union[str, Path]) -> Path:
 
 
 def default_device() -> torch.device:
-    """cuda when available, else cpu."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """cuda when available, else cpu (g3dr.devices.pick_device with no device named)."""
+    return pick_device()
 
 
 class DepthEstimator:
@@ -131,7 +131,7 @@ def load_depth_model(model_dir: Union[str, Path], device: Union[str, torch.devic
         from transformers import AutoImageProcessor, AutoModelForDepthEstimation  # optional: g3dr[depth]
     except ImportError as e:
         raise ImportError("g3dr depth needs transformers: pip install 'g3dr[depth]'") from e
-    device = pick_device(device) if device is not None else default_device()
+    device = pick_device(device)
     dtype = dtype or torch.float32
     try:
         processor = AutoImageProcessor.from_pretrained(model_dir, local_files_only=True)

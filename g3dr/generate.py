@@ -26,7 +26,7 @@ from typing import Optional, Tuple, Union
 import numpy as np
 import torch
 
-from .depth import KINDS, default_device, to_g3dr_depth
+from .depth import KINDS, to_g3dr_depth
 from .depthio import write_depth_png
 from .devices import pick_device
 from .files import write_png
@@ -83,7 +83,7 @@ def load_ldm3d(model_dir: Union[str, Path], device: Union[str, torch.device, Non
         from diffusers import StableDiffusionLDM3DPipeline  # optional: g3dr[generate]
     except ImportError as e:
         raise ImportError("g3dr generate needs diffusers and transformers: pip install 'g3dr[generate]'") from e
-    device = pick_device(device) if device is not None else default_device()
+    device = pick_device(device)
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     try:
         # components saved as null (no safety checker, ...) or absent from an older index must be passed as None
