@@ -10,5 +10,5 @@ __version__ = "0.1.0"
 
 def load(ckpt, device=None, backend=None):
     """A trained G3DR from a run folder or checkpoint file (see g3dr.infer.load)."""
-    from .infer import load as _load
+    from .infer import load as _load  # here: `import g3dr` (and so `g3dr --help`) does not import torch
     return _load(ckpt, device, backend)

@@ -1,5 +1,6 @@
 """The depth-kernel ablation (G3DR Table 4 / Table S1) on synthetic scenes with ground truth:
-`g3dr eval --ablation` and benchmarks/fidelity.py.
+`g3dr eval --ablation` and benchmarks/fidelity.py. It lives in the package rather than in benchmarks/
+because the `g3dr` command runs it, and an installed g3dr does not ship benchmarks/.
 
 One model per arm and seed (`ABLATION_VARIANTS`: "kernel", "no_kernel", "no_depth"), trained on the
 same scenes with the same budget; each scored with `g3dr.evaluate.evaluate` (novel views, NFS, depth
@@ -9,6 +10,7 @@ fog). The report gives the mean and spread over seeds per arm, and says whether 
 """
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import statistics
@@ -16,7 +18,13 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
 
-from .evaluate import _atomic_json, _fmt, _skey, evaluate, machine_info
+from .config import apply_overrides, preset
+from .evaluate import evaluate, format_number, machine_info, sigma_key
+from .files import atomic_write, write_bytes, write_json
+from .heldout import score
+from .infer import load
+from .losses import vgg16_file
+from .train import train
 
 
 ABLATION_VARIANTS = {
@@ -47,8 +55,7 @@ def ablation_overrides(steps: int, scenes: int, batch: int, seed: int = 420, lr:
     over = [f"train.steps={steps}", f"train.batch_size={batch}", f"data.synthetic_scenes={scenes}",
             f"train.seed={seed}", f"train.save_every={steps}", f"train.image_every={steps}", "train.log_every=1"]
     over += [f"schedule.lr={lr}"] if lr is not None else []
-    from .losses import _vgg16_file
-    if _vgg16_file("") is None:
+    if vgg16_file("") is None:
         over += ["loss.w_lpips_canon=0", "loss.w_lpips_novel=0"]
         if notes is not None:
             notes["train_lpips"] = "no VGG16 weights on this machine: trained without the LPIPS terms"
@@ -68,10 +75,6 @@ def ablation(out_dir: Union[str, Path] = "benchmarks/results", work_dir: Union[s
     Each model is scored with `evaluate` and `heldout.score` on held-out scenes. Writes out_dir/<name>.json,
     <name>.md (mean and spread per arm, the verdict, the first seed's detail) and <name>.png (metrics vs
     yaw and vs sigma scale) and <name>_seeds.png (mean and spread per arm). Returns the report."""
-    from .config import apply_overrides, preset
-    from .heldout import score
-    from .infer import load
-    from .train import train
     bad = [v for v in variants if v not in ABLATION_VARIANTS]
     if bad or not variants:
         raise ValueError(f"unknown ablation variants {bad or list(variants)}; choose from "
@@ -108,10 +111,8 @@ def ablation(out_dir: Union[str, Path] = "benchmarks/results", work_dir: Union[s
                                            "sigma_scaling": ev.get("sigma_scaling", {})}
     report["summary"] = summarize(report)
     report["verdict"] = verdict(report)
-    _atomic_json(report, out_dir / f"{name}.json")
-    tmp = out_dir / f".{name}.md.tmp"
-    tmp.write_text(ablation_markdown(report))
-    tmp.replace(out_dir / f"{name}.md")
+    write_json(out_dir / f"{name}.json", report, allow_nan=True)
+    write_bytes(out_dir / f"{name}.md", ablation_markdown(report))
     plot_ablation(report, out_dir / f"{name}.png")
     plot_seeds(report, out_dir / f"{name}_seeds.png")
     return report
@@ -192,7 +193,6 @@ def _reusable_eval(run: Path, kw: Dict) -> Optional[Dict]:
         old = json.loads(ev.read_text())
     except ValueError:
         return None
-    import inspect
     full = {k: p.default for k, p in inspect.signature(evaluate).parameters.items()
             if p.default is not inspect.Parameter.empty and k not in ("data", "out", "device", "progress")}
     full.update(kw)
@@ -244,7 +244,7 @@ def ablation_markdown(report: Dict) -> str:
         best = "" if len(ok) < 2 else "tie" if len({v for v, _ in ok}) == 1 else \
             (max(ok) if higher else min(ok))[1]
         lines.append(f"| {label} {'(higher better)' if higher else '(lower better)'} | "
-                     + " | ".join(_fmt(v) for v in vals) + f" | {best} |")
+                     + " | ".join(format_number(v) for v in vals) + f" | {best} |")
     ss_keys = [("psnr", "PSNR novel"), ("depth_abs_mean", "depth abs err mean"),
                ("depth_accuracy_canonical", "depth accuracy canonical"), ("nfs_canonical", "NFS canonical"),
                ("iou", "IoU"), ("chamfer", "Chamfer-L1")]
@@ -257,7 +257,7 @@ def ablation_markdown(report: Dict) -> str:
                 vals = [vs[n]["sigma_scaling"].get(s, {}).get(k) for n in names]
                 if all(v is None for v in vals):
                     continue
-                lines.append(f"| {label} | {s} | " + " | ".join(_fmt(v) for v in vals) + " |")
+                lines.append(f"| {label} | {s} | " + " | ".join(format_number(v) for v in vals) + " |")
     allnotes = dict(report.get("notes") or {})
     for n in names:
         for k, v in (vs[n].get("notes") or {}).items():
@@ -294,7 +294,7 @@ def plot_ablation(report: Dict, path: Union[str, Path]) -> Path:
         ss = res["sigma_scaling"]
         xs = sorted(float(s) for s in ss)
         for ax, (k, label) in zip(axes[1], s_keys):
-            ys = [ss[_skey(s)].get(k) for s in xs]
+            ys = [ss[sigma_key(s)].get(k) for s in xs]
             if any(y is not None for y in ys):
                 ax.plot(xs, [math.nan if y is None else y for y in ys], "o-", label=n)
             ax.set(xscale="log", xlabel="sigma scale s", title=label)
@@ -309,14 +309,12 @@ def plot_ablation(report: Dict, path: Union[str, Path]) -> Path:
 
 def _save_figure(fig, path: Union[str, Path]) -> Path:
     """Write a matplotlib figure as PNG atomically (temp name, then rename) and close it."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # optional (g3dr[eval]); its caller has checked that it is there
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
+    finally:
+        plt.close(fig)
 
 
 def plot_seeds(report: Dict, path: Union[str, Path]) -> Optional[Path]:

@@ -23,8 +23,10 @@ import subprocess
 import tempfile
 import time
 from typing import Any, Optional
+from urllib.request import urlopen
 
 import numpy as np
+from PIL import Image
 
 INSTALL_HINT = "apt-get install -y chromium  (Debian/Ubuntu: the system Chromium; or set G3DR_CHROMIUM=/path)"
 CANDIDATES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
@@ -69,7 +71,7 @@ class Browser:
     def __init__(self, width: int = 800, height: int = 600, executable: Optional[str] = None,
                  start_timeout: float = 60.0):
         try:
-            from websockets.sync.client import connect
+            from websockets.sync.client import connect  # optional: g3dr[view]
         except ImportError as e:
             raise BrowserMissing(f"the browser driver needs the websockets package: pip install 'g3dr[view]' ({e})")
         exe = executable or find_chromium()
@@ -116,7 +118,6 @@ class Browser:
 
     @staticmethod
     def _page_url(port: int, timeout: float) -> str:
-        from urllib.request import urlopen
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
@@ -178,7 +179,6 @@ class Browser:
 
     def canvas_png(self, selector: str = "canvas") -> np.ndarray:
         """The backing store of a <canvas> as uint8 [H,W,3] (toDataURL: lossless, no page scaling)."""
-        from PIL import Image
         url = self.eval(f"document.querySelector({json.dumps(selector)}).toDataURL('image/png')")
         if not isinstance(url, str) or not url.startswith("data:image/png;base64,"):
             raise RuntimeError(f"no canvas {selector!r} on the page")
@@ -187,7 +187,6 @@ class Browser:
 
     def screenshot(self) -> np.ndarray:
         """The viewport as uint8 [H,W,3]."""
-        from PIL import Image
         data = base64.b64decode(self.call("Page.captureScreenshot", format="png")["data"])
         return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
 

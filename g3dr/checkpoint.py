@@ -19,7 +19,6 @@ in the old pickled format are refused with the conversion command (`g3dr convert
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil

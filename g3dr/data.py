@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .depthio import DepthFileError, read_depth
+from .synthetic import SyntheticDataset
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 
@@ -160,7 +161,6 @@ class FolderDataset(torch.utils.data.Dataset):
 
 def build_dataset(cfg) -> torch.utils.data.Dataset:
     """The dataset named by cfg.data.source ("synthetic" or a folder)."""
-    from .synthetic import SyntheticDataset
     if cfg.data.source == "synthetic":
         return SyntheticDataset(cfg.data.synthetic_scenes, cfg.model.image_size, cfg.data.synthetic_seed,
                                 cfg.render.radius, cfg.render.fov)

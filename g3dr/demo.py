@@ -14,6 +14,7 @@
 """
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Dict, List
@@ -25,6 +26,16 @@ from PIL import Image
 import g3dr_kernels as K
 from g3dr_kernels.cameras import camera_rays, fov_to_intrinsics, g3dr_cam2world, g3dr_rays, orbit_cameras
 from g3dr_kernels.nn import TriplaneDecoder
+
+from .cameras import CANONICAL_PITCH, CANONICAL_YAW, front_circle
+from .config import apply_overrides, preset
+from .devices import pick_device
+from .export import colorize_depth, depth_mesh, extract_mesh, save_mesh
+from .files import write_png
+from .heldout import format_scores, held_out_indices, score, score_scene
+from .infer import colour_depth_frames, load, write_views
+from .synthetic import make_scene, render_view
+from .train import train
 
 MODEL = Path(__file__).resolve().parent.parent / "models" / "g3dr-fast-synthetic.safetensors"
 PICTURE_OFFSETS = ((-15.0, 0.0), (15.0, 0.0), (0.0, 5.0))   # novel views (yaw, pitch degrees) in heldout.png
@@ -91,7 +102,6 @@ def print_timings(device: torch.device, rows: List[Dict], bench_res: int, sample
 
 def _strip(views: Dict[str, torch.Tensor], n: int) -> np.ndarray:
     """Colour row over colourised-depth row, n views evenly taken."""
-    from .infer import colour_depth_frames
     idx = torch.linspace(0, views["rgb"].shape[0] - 1, n).round().long()
     rgb = views["rgb"][idx].clamp(0, 1).permute(0, 2, 3, 1).cpu()
     col = colour_depth_frames(views["depth"][idx, 0].cpu(), views["opacity"][idx, 0].cpu() > 0.5).float() / 255
@@ -108,8 +118,6 @@ def heldout_picture(model, scenes, path: Path, scale: int = 2) -> Path:
     """One row per scene: input RGB | input depth | reconstruction (input view) RGB | depth | then per
     novel view of PICTURE_OFFSETS: predicted RGB | true RGB | predicted depth | true depth. Depths share
     one colour range per row (turbo, near = warm)."""
-    from .export import colorize_depth
-    from .heldout import score_scene
     rows = []
     for scene in scenes:
         s = score_scene(model, scene, PICTURE_OFFSETS, keep_views=True)
@@ -127,27 +135,13 @@ def heldout_picture(model, scenes, path: Path, scale: int = 2) -> Path:
     img = Image.fromarray(grid)
     img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    img.save(tmp)
-    tmp.replace(path)
-    return path
+    return write_png(path, img)
 
 
 def run_demo(out_dir: str = "outputs/demo", quick: bool = False, steps: int | None = None, device: str | None = None,
              backend: str = "auto", frames: int | None = None, progress: bool = True, timings: bool = True,
              train_model: bool = False, model_path: str | None = None, scenes: int = 8) -> Dict:
     """See the module docstring. Returns the paths written and the held-out scores."""
-    import json
-
-    from .cameras import CANONICAL_PITCH, CANONICAL_YAW, front_circle
-    from .config import apply_overrides, preset
-    from .export import depth_mesh, extract_mesh, save_mesh
-    from .heldout import format_scores, held_out_indices, score
-    from .infer import load, write_views
-    from .synthetic import make_scene, render_view
-    from .train import train
-
-    from .infer import pick_device
     dev = pick_device(device)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

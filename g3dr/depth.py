@@ -21,8 +21,11 @@ from typing import Iterable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from tqdm.auto import tqdm
 
 from .depthio import DEPTH_OFFSET, DEPTH_RANGE, write_depth_png
+from .devices import pick_device
 
 DEFAULT_DEPTH_MODEL = "depth-anything/Depth-Anything-V2-Small-hf"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
@@ -63,8 +66,8 @@ def check_depth_model_dir(model_dir: Union[str, Path]) -> Path:
 
 
 def default_device() -> torch.device:
-    """cuda when available, else cpu."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """cuda when available, else cpu (g3dr.devices.pick_device with no device named)."""
+    return pick_device()
 
 
 class DepthEstimator:
@@ -125,11 +128,10 @@ def load_depth_model(model_dir: Union[str, Path], device: Union[str, torch.devic
     """
     model_dir = check_depth_model_dir(model_dir)
     try:
-        from transformers import AutoImageProcessor, AutoModelForDepthEstimation
+        from transformers import AutoImageProcessor, AutoModelForDepthEstimation  # optional: g3dr[depth]
     except ImportError as e:
         raise ImportError("g3dr depth needs transformers: pip install 'g3dr[depth]'") from e
-    from .infer import pick_device
-    device = pick_device(device) if device is not None else default_device()
+    device = pick_device(device)
     dtype = dtype or torch.float32
     try:
         processor = AutoImageProcessor.from_pretrained(model_dir, local_files_only=True)
@@ -229,7 +231,6 @@ class DepthSummary:
 
 
 def _open_rgb(path: Path):
-    from PIL import Image
     with Image.open(path) as im:
         im.load()
         return im.convert("RGB")
@@ -259,9 +260,6 @@ def estimate_depth_folder(in_dir: Union[str, Path], out_dir: Union[str, Path, No
     Raises: FileNotFoundError/NotADirectoryError (in_dir), ValueError (no images, batch_size < 1, kind),
     PermissionError (out_dir not writable), DepthModelNotFoundError (model_dir).
     """
-    from PIL import Image
-    from tqdm.auto import tqdm
-
     in_dir = Path(in_dir).expanduser()
     if not in_dir.exists():
         raise FileNotFoundError(f"estimate_depth_folder: input folder not found: {in_dir}")

@@ -1,4 +1,4 @@
-"""`g3dr eval`: score a trained G3DR model, and the depth-kernel ablation (the fidelity benchmark).
+"""`g3dr eval`: score a trained G3DR model.
 
 `evaluate(model_or_ckpt, data=...)` reconstructs scenes from their canonical RGB-D view and renders
 them from a grid of yaw/pitch offsets (radians, around G3DR's canonical camera yaw = pitch = pi/2):
@@ -23,9 +23,8 @@ sigma_scale)`, `occupancy(state, points, sigma_scale)` and `surface_points(state
 can be evaluated (`EvalTarget`); `GroundTruth` is the synthetic scenes themselves through the same
 code path, so `evaluate(GroundTruth(cfg))` must score PSNR inf, depth error 0, IoU 1, Chamfer 0.
 
-`ablation(...)` trains the `small` preset with and without the depth kernel (same seed, data and
-budget; optionally without depth supervision), evaluates each model and writes
-`fidelity.json`, `fidelity.md` and `fidelity.png` (benchmarks/fidelity.py is its command line).
+The depth-kernel ablation (`g3dr eval --ablation`, benchmarks/fidelity.py) trains models and scores
+them with `evaluate`: g3dr/ablation.py.
 """
 from __future__ import annotations
 
@@ -40,21 +39,24 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
+from tqdm import tqdm
+
+from g3dr_kernels.cameras import g3dr_cam2world, g3dr_rays
 
 from . import metrics as M
 from .cameras import CANONICAL_PITCH, CANONICAL_YAW
 from .config import Config
-from .synthetic import HELD_OUT_FIRST
+from .data import FolderDataset
+from .devices import pick_device
+from .export import extract_mesh, grid_points, mesh_points, query_field
+from .files import write_json
+from .infer import load
+from .losses import load_lpips, vgg16_file
+from .model import G3DR
+from .synthetic import BACKDROP_X, HELD_OUT_FIRST, canonical_rgbd, cast, density_field, make_scene, render_view
 
 ALL_METRICS = ("psnr", "ssim", "lpips", "depth", "nfs", "depth_accuracy", "geometry", "sigma_scaling", "fid")
 BEHIND_WALL_MARGIN = 0.05   # IoU box stops this far in front of the backdrop wall (see _iou_bbox)
-
-
-def _atomic_json(obj, path: Path) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, allow_nan=True))
-    tmp.replace(path)
-    return path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,12 +113,10 @@ class ModelTarget(EvalTarget):
         return dict(levels=r.levels, box_warp=r.box_warp, plane_axes=r.plane_axes, density_bias=r.density_bias)
 
     def occupancy(self, state, points, sigma_scale=1.0):
-        from .export import query_field
         dens, _ = query_field(state, self.model.decoder, points.to(self.device).float(), **self._field_kw())
         return (dens * sigma_scale > self.iso).cpu()
 
     def surface_points(self, state, n, sigma_scale=1.0):
-        from .export import extract_mesh, mesh_points
         mesh = extract_mesh(state, self.model.decoder, resolution=self.mesh_resolution, iso=self.iso / sigma_scale,
                             **self._field_kw())
         return mesh_points(mesh, n)
@@ -140,7 +140,6 @@ class GroundTruth(EvalTarget):
         return {"rgb": t["rgb"], "depth": t["depth"], "opacity": t["mask"][:, None].float()}
 
     def occupancy(self, state, points, sigma_scale=1.0):
-        from .synthetic import density_field
         return density_field(state, points.cpu()) > 0.5
 
     def surface_points(self, state, n, sigma_scale=1.0):
@@ -151,9 +150,6 @@ def true_surface_points(scene, cfg: Config, n: int, resolution: int = 64, seed: 
     """n points [n,3] (float64) on the true surface: ray-cast hits from 15 views (yaw offsets -0.6..0.6
     in 5 steps x pitch offsets -0.3, 0, 0.3 around the canonical camera, `resolution`^2 rays each),
     a fixed random subset. Only surfaces seen from the front hemisphere count (the wall's back is not)."""
-    from g3dr_kernels.cameras import g3dr_cam2world, g3dr_rays
-
-    from .synthetic import cast
     yaw = CANONICAL_YAW + torch.linspace(-0.6, 0.6, 5).repeat_interleave(3)
     pitch = CANONICAL_PITCH + torch.tensor([-0.3, 0.0, 0.3]).repeat(5)
     o, d = g3dr_rays(g3dr_cam2world(yaw, pitch, cfg.render.radius), cfg.render.fov, resolution)
@@ -164,14 +160,12 @@ def true_surface_points(scene, cfg: Config, n: int, resolution: int = 64, seed: 
 
 
 def _as_target(obj, device, n_coarse, n_fine, iso, mesh_resolution) -> Tuple[EvalTarget, str]:
-    from .model import G3DR
     if isinstance(obj, EvalTarget):
         return obj, type(obj).__name__
     if isinstance(obj, G3DR):
         model = obj.to(device) if device is not None else obj
         return ModelTarget(model.eval(), n_coarse, n_fine, iso, mesh_resolution), "G3DR module"
     if isinstance(obj, (str, Path)):
-        from .infer import load
         return ModelTarget(load(obj, device=device), n_coarse, n_fine, iso, mesh_resolution), str(obj)
     raise TypeError(f"evaluate: expected a checkpoint path, a run folder, a G3DR model or an EvalTarget, "
                     f"got {type(obj).__name__}")
@@ -201,7 +195,6 @@ _LPIPS_CACHE: Dict[Tuple[str, bool], torch.nn.Module] = {}
 
 def _lpips_net(target: EvalTarget, notes: Dict[str, str]):
     """LPIPS-VGG per the target's loss config (loaded once per process), or None with a note."""
-    from .losses import load_lpips
     lo = target.cfg.loss
     key = (lo.vgg_weights, lo.allow_random_init)
     try:
@@ -212,9 +205,8 @@ def _lpips_net(target: EvalTarget, notes: Dict[str, str]):
     except (FileNotFoundError, ImportError) as e:
         notes["lpips"] = f"skipped: {e}"
         return None
-    from .losses import _vgg16_file
     try:
-        random_vgg = _vgg16_file(lo.vgg_weights) is None
+        random_vgg = vgg16_file(lo.vgg_weights) is None
     except FileNotFoundError:
         random_vgg = True
     if random_vgg:
@@ -266,7 +258,6 @@ def _iou_bbox(cfg: Config):
     """IoU box: the triplane box, stopped BEHIND_WALL_MARGIN in front of the backdrop wall. The wall is
     a 0.02-thick slab (thinner than a 64^3 cell) with nothing knowable behind it, so the IoU scores
     the objects and the empty space around them."""
-    from .synthetic import BACKDROP_X
     h = cfg.render.box_warp / 2
     return ((-h, -h, -h), (BACKDROP_X - BEHIND_WALL_MARGIN, h, h))
 
@@ -312,7 +303,6 @@ def evaluate(ckpt_or_model, data: str = "synthetic", metrics: Sequence[str] = AL
     if any(not (s > 0 and math.isfinite(s)) for s in scales):
         raise ValueError(f"sigma_scales must be finite numbers > 0, got {list(sigma_scales)}")
     scales = [1.0] + [s for s in scales if s != 1.0]
-    from .infer import pick_device
     dev = pick_device(device)
     target, source = _as_target(ckpt_or_model, dev if not isinstance(ckpt_or_model, EvalTarget) else None,
                                 n_coarse, n_fine, iso, geometry_resolution)
@@ -345,7 +335,6 @@ def evaluate(ckpt_or_model, data: str = "synthetic", metrics: Sequence[str] = AL
     real, fake = [], []
     bar = None
     if progress:
-        from tqdm import tqdm
         bar = tqdm(total=len(items) * len(scales), desc="eval", dynamic_ncols=True)
     for image, depth, scene, _ in items:
         state = target.reconstruct(image[None], depth[None], scene=scene)
@@ -400,7 +389,7 @@ def evaluate(ckpt_or_model, data: str = "synthetic", metrics: Sequence[str] = AL
     result = {
         "metrics": agg[1.0],
         "per_view": per_view,
-        "sigma_scaling": {_skey(s): agg[s] for s in scales} if "sigma_scaling" in metrics else {},
+        "sigma_scaling": {sigma_key(s): agg[s] for s in scales} if "sigma_scaling" in metrics else {},
         "notes": notes,
         "meta": dict(source=source, data=data, n_scenes=len(items), scenes=[it[3] for it in items],
                      views=[list(v) for v in views], resolution=res, sigma_scales=scales,
@@ -413,11 +402,12 @@ def evaluate(ckpt_or_model, data: str = "synthetic", metrics: Sequence[str] = AL
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        _atomic_json(result, out / "eval.json")
+        write_json(out / "eval.json", result, allow_nan=True)  # PSNR of a perfect render is inf
     return result
 
 
-def _skey(s: float) -> str:
+def sigma_key(s: float) -> str:
+    """The key of sigma scale s in a result's "sigma_scaling" (1.0 -> "1", 0.5 -> "0.5")."""
     return f"{s:g}"
 
 
@@ -429,7 +419,6 @@ def _take(d, i):
 
 def _items(data, cfg: Config, n: int, first: int):
     """[(image [3,H,W], depth [1,H,W], scene or None, id)] at the model's input size."""
-    from .synthetic import canonical_rgbd, make_scene
     if data == "synthetic":
         seed = cfg.data.synthetic_seed
         out = []
@@ -439,7 +428,6 @@ def _items(data, cfg: Config, n: int, first: int):
         return out
     if not isinstance(data, (str, Path)):
         raise TypeError(f"data must be 'synthetic' or a folder path, got {type(data).__name__}")
-    from .data import FolderDataset
     ds = FolderDataset(data, cfg.model.image_size)
     return [(ds[k]["image"], ds[k]["depth"], None, str(ds.items[k][0])) for k in range(min(n, len(ds)))]
 
@@ -447,7 +435,6 @@ def _items(data, cfg: Config, n: int, first: int):
 def _truth(scene, yaw, pitch, res, cfg) -> Dict[str, torch.Tensor]:
     """Ground truth of the views yaw, pitch [N]: rgb [N,3,R,R], depth [N,1,R,R] (the far bound where
     the ray misses everything), mask [N,R,R] (the ray hits the scene)."""
-    from .synthetic import render_view
     r = cfg.render
     far = r.radius + r.box_warp / 2
     vs = [render_view(scene, float(y), float(p), resolution=res, radius=r.radius, fov=r.fov)
@@ -459,8 +446,6 @@ def _truth(scene, yaw, pitch, res, cfg) -> Dict[str, torch.Tensor]:
 
 def _geometry_truth(scene, cfg, grid_res, n_points):
     """(grid points [G^3,3] of the IoU box, true occupancy bool [G^3], true surface points [n,3])."""
-    from .export import grid_points
-    from .synthetic import density_field
     pts = grid_points(grid_res, _iou_bbox(cfg), cell_centers=True).reshape(-1, 3).float()
     # enough rays that the 15 views hold about 2 n hits
     ray_res = max(16, math.ceil(math.sqrt(2 * n_points / 15)))
@@ -534,7 +519,8 @@ _LABELS = [("psnr", "PSNR (novel) dB", True), ("ssim", "SSIM (novel)", True), ("
            ("fscore", "F-score", True), ("fid", "FID", False), ("kid", "KID", False), ("inception_score", "IS", True)]
 
 
-def _fmt(v) -> str:
+def format_number(v) -> str:
+    """A metric for a table: 4 significant digits, "-" for a missing one."""
     if v is None:
         return "-"
     if isinstance(v, float) and math.isinf(v):
@@ -546,18 +532,20 @@ def format_table(result: Dict) -> str:
     """A readable text table of an `evaluate` result: the metrics at s = 1, per view, per sigma scale, notes."""
     m = result["metrics"]
     lines = [f"{'metric':<26}{'value':>12}  better"]
-    lines += [f"{label:<26}{_fmt(m[k]):>12}  {'higher' if up else 'lower'}" for k, label, up in _LABELS if k in m]
+    lines += [f"{label:<26}{format_number(m[k]):>12}  {'higher' if up else 'lower'}"
+              for k, label, up in _LABELS if k in m]
     pv = result.get("per_view") or []
     if pv:
         keys = [k for k in ("psnr", "ssim", "lpips", "depth_abs_mean", "nfs", "depth_accuracy") if k in pv[0]]
         lines += ["", f"{'yaw':>6}{'pitch':>7}" + "".join(f"{k:>16}" for k in keys)]
-        lines += [f"{v['yaw']:>+6.2f}{v['pitch']:>+7.2f}" + "".join(f"{_fmt(v[k]):>16}" for k in keys) for v in pv]
+        lines += [f"{v['yaw']:>+6.2f}{v['pitch']:>+7.2f}" + "".join(f"{format_number(v[k]):>16}" for k in keys)
+                  for v in pv]
     ss = result.get("sigma_scaling") or {}
     if len(ss) > 1:
         keys = [k for k in ("psnr", "depth_abs_mean", "nfs_canonical", "depth_accuracy_canonical", "iou", "chamfer")
                 if k in m]
         lines += ["", f"{'sigma x':>8}" + "".join(f"{k:>26}" for k in keys)]
-        lines += [f"{s:>8}" + "".join(f"{_fmt(row.get(k)):>26}" for k in keys) for s, row in ss.items()]
+        lines += [f"{s:>8}" + "".join(f"{format_number(row.get(k)):>26}" for k in keys) for s, row in ss.items()]
     for k, v in (result.get("notes") or {}).items():
         lines.append(f"note [{k}]: {v}")
     return "\n".join(lines)

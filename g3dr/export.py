@@ -29,6 +29,8 @@ from typing import Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
+from numpy.polynomial import chebyshev
+from PIL import Image
 from torch import nn
 
 from g3dr_kernels import reference, sample_triplanes
@@ -72,9 +74,7 @@ def check_out(path: PathLike, formats: Sequence[str], what: str) -> Path:
     return path
 
 
-_check_out = check_out
-_atomic_write = atomic_write  # g3dr/files.py: temp file, fsync, rename, normal file mode
-_write_bytes = write_bytes
+_atomic_write = atomic_write  # the former name here; the writer lives in g3dr/files.py
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,10 +272,10 @@ def save_mesh(mesh, path: PathLike) -> Path:
     trimesh = _trimesh()
     if not isinstance(mesh, trimesh.Trimesh):
         raise TypeError(f"mesh must be a trimesh.Trimesh, got {type(mesh).__name__}")
-    path = _check_out(path, MESH_FORMATS, "mesh")
+    path = check_out(path, MESH_FORMATS, "mesh")
     ext = path.suffix.lower()[1:]
     data = mesh.export(file_type=ext, include_color=True) if ext == "obj" else mesh.export(file_type=ext)
-    return _write_bytes(path, data)
+    return write_bytes(path, data)
 
 
 def _rays(name: str, r: Tensor, n: int) -> Tensor:
@@ -370,20 +370,20 @@ def save_voxels(path: PathLike, occ: Tensor, bbox: BBox = None, box_warp: float 
     """Write occupancy (bool [N,N,N], index [x,y,z]) atomically as .npy (the bool array), .npz
     (`occupancy` + `bbox_min`, `bbox_max`) or .binvox (cubic grids and a cubic bbox; translate = bbox
     min, scale = side). bbox defaults to the triplane box [-box_warp/2, box_warp/2]^3."""
-    path = _check_out(path, VOXEL_FORMATS, "voxel")
+    path = check_out(path, VOXEL_FORMATS, "voxel")
     if not isinstance(occ, (Tensor, np.ndarray)) or occ.ndim != 3 or occ.dtype not in (torch.bool, np.bool_):
         raise ValueError(f"occ must be a bool [N,N,N] grid, got [{_shape(occ)}] {getattr(occ, 'dtype', '')}")
     arr = occ.detach().cpu().numpy() if isinstance(occ, Tensor) else np.asarray(occ)
     lo, hi = (t.numpy() for t in _bbox(bbox, box_warp, "cpu"))
     ext = path.suffix.lower()
     if ext == ".npy":
-        return _atomic_write(path, lambda tmp: np.save(tmp, arr))
+        return atomic_write(path, lambda tmp: np.save(tmp, arr))
     if ext == ".npz":
-        return _atomic_write(path, lambda tmp: np.savez_compressed(tmp, occupancy=arr, bbox_min=lo, bbox_max=hi))
+        return atomic_write(path, lambda tmp: np.savez_compressed(tmp, occupancy=arr, bbox_min=lo, bbox_max=hi))
     side = hi - lo
     if len(set(arr.shape)) != 1 or not np.allclose(side, side[0], rtol=1e-6):
         raise ValueError(f"binvox stores cubic grids in a cubic box; got grid [{_shape(arr)}] and box sides {side}")
-    return _write_bytes(path, _binvox_bytes(arr, lo, float(side[0])))
+    return write_bytes(path, _binvox_bytes(arr, lo, float(side[0])))
 
 
 def load_voxels(path: PathLike) -> Tuple[Tensor, Optional[Tuple[Tensor, Tensor]]]:
@@ -446,7 +446,6 @@ _CHEB = {
 
 
 def _cmap_poly(name: str, t: np.ndarray) -> np.ndarray:
-    from numpy.polynomial import chebyshev
     x = 2 * t - 1
     return np.clip(np.stack([chebyshev.chebval(x, c) for c in _CHEB[name]], -1), 0, 1)
 
@@ -531,19 +530,17 @@ def write_video(frames, path: PathLike, fps: float = 24.0) -> Path:
     """Write frames (see `_frames_u8`: [T,H,W,3] / [T,3,H,W], uint8 or floats in [0,1]) as .mp4
     (H.264 yuv420p via imageio-ffmpeg, which bundles ffmpeg; H and W must be even) or .gif (PIL,
     looping; Pillow merges consecutive identical frames), atomically."""
-    path = _check_out(path, VIDEO_FORMATS, "video")
+    path = check_out(path, VIDEO_FORMATS, "video")
     if not (fps > 0 and math.isfinite(fps)):
         raise ValueError(f"fps must be > 0, got {fps}")
     arr = _frames_u8(frames)
     T, H, W, _ = arr.shape
     if path.suffix.lower() == ".gif":
-        from PIL import Image
-
         def w(tmp):
             ims = [Image.fromarray(f) for f in arr]
             ims[0].save(tmp, format="GIF", save_all=True, append_images=ims[1:], duration=max(1, round(1000 / fps)),
                         loop=0)
-        return _atomic_write(path, w)
+        return atomic_write(path, w)
     if H % 2 or W % 2:
         raise ValueError(f"mp4 (H.264, yuv420p) needs even frame sizes, got {H}x{W}; crop or pad a pixel, or use .gif")
     try:
@@ -557,4 +554,4 @@ def write_video(frames, path: PathLike, fps: float = 24.0) -> Path:
                                 macro_block_size=1, pixelformat="yuv420p") as wr:
             for f in arr:
                 wr.append_data(f)
-    return _atomic_write(path, w)
+    return atomic_write(path, w)

@@ -19,10 +19,15 @@ import math
 import os
 import pickle
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple, Union
 
+import numpy as np
 import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save as safetensors_bytes
 
 PathLike = Union[str, Path]
 
@@ -92,6 +97,12 @@ def write_bytes(path: PathLike, data: Union[bytes, str]) -> Path:
     return atomic_write(path, w)
 
 
+def write_png(path: PathLike, image: Union[np.ndarray, Image.Image]) -> Path:
+    """A picture (uint8 [H, W, 3] or [H, W], or a PIL image) -> a PNG file, atomically."""
+    image = image if isinstance(image, Image.Image) else Image.fromarray(image)
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+
+
 def strict(obj: Any) -> Tuple[Any, list]:
     """obj with every non-finite float replaced by None, and the dotted names of those values."""
     bad: list = []
@@ -108,10 +119,12 @@ def strict(obj: Any) -> Tuple[Any, list]:
     return walk(obj, ""), bad
 
 
-def write_json(path: PathLike, obj: Any, indent: Optional[int] = 1) -> Path:
-    """Strict JSON (no NaN/Infinity tokens: non-finite numbers are written as null)."""
-    clean, _ = strict(obj)
-    return write_bytes(path, json.dumps(clean, indent=indent, allow_nan=False) + "\n")
+def write_json(path: PathLike, obj: Any, indent: Optional[int] = 1, allow_nan: bool = False) -> Path:
+    """Strict JSON (no NaN/Infinity tokens: non-finite numbers are written as null), or with
+    allow_nan=True Python's JSON, whose NaN and Infinity tokens json.loads reads back (result files
+    where an infinite score means something, such as the PSNR of a perfect render)."""
+    clean = obj if allow_nan else strict(obj)[0]
+    return write_bytes(path, json.dumps(clean, indent=indent, allow_nan=allow_nan) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,14 +179,12 @@ def _unshared(tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
 
 def save_tensors(path: PathLike, tensors: Dict[str, torch.Tensor], metadata: Dict[str, str]) -> Path:
     """Tensors + string metadata -> a .safetensors file (atomic)."""
-    from safetensors.torch import save
-    data = save(_unshared(tensors), metadata={k: str(v) for k, v in metadata.items()})
+    data = safetensors_bytes(_unshared(tensors), metadata={k: str(v) for k, v in metadata.items()})
     return write_bytes(path, data)
 
 
 def load_tensors(path: PathLike, device="cpu") -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
     """A .safetensors file -> (tensors, metadata); ValueError naming the file when it is not one."""
-    from safetensors import safe_open
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"file not found: {path}")
@@ -192,7 +203,6 @@ def load_tensors(path: PathLike, device="cpu") -> Tuple[Dict[str, torch.Tensor],
 def is_pickle(path: PathLike) -> bool:
     """True for a file torch.save or pickle wrote: a zip archive holding a data.pkl, or a raw pickle
     (protocol 2-5). Looked at only after the file failed to load as what it should be."""
-    import zipfile
     try:
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as z:

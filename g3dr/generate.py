@@ -26,8 +26,10 @@ from typing import Optional, Tuple, Union
 import numpy as np
 import torch
 
-from .depth import KINDS, default_device, to_g3dr_depth
+from .depth import KINDS, to_g3dr_depth
 from .depthio import write_depth_png
+from .devices import pick_device
+from .files import write_png
 
 DEFAULT_LDM3D_MODEL = "Intel/ldm3d-4c"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -78,11 +80,10 @@ def load_ldm3d(model_dir: Union[str, Path], device: Union[str, torch.device, Non
     """
     model_dir, spec = check_ldm3d_dir(model_dir)
     try:
-        from diffusers import StableDiffusionLDM3DPipeline
+        from diffusers import StableDiffusionLDM3DPipeline  # optional: g3dr[generate]
     except ImportError as e:
         raise ImportError("g3dr generate needs diffusers and transformers: pip install 'g3dr[generate]'") from e
-    from .infer import pick_device
-    device = pick_device(device) if device is not None else default_device()
+    device = pick_device(device)
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     try:
         # components saved as null (no safety checker, ...) or absent from an older index must be passed as None
@@ -105,7 +106,7 @@ def imagenet_class_name(class_id: int) -> str:
     if not 0 <= int(class_id) < 1000:
         raise ValueError(f"imagenet class id must be in [0, 999], got {class_id}")
     try:
-        from torchvision.models import ResNet50_Weights
+        from torchvision.models import ResNet50_Weights  # optional: only g3dr[train] installs it
     except ImportError as e:
         raise ImportError("ImageNet class names come from torchvision: pip install torchvision") from e
     return ResNet50_Weights.IMAGENET1K_V1.meta["categories"][int(class_id)]
@@ -178,8 +179,6 @@ def save_rgbd(out_dir: Union[str, Path], name: str, rgb: torch.Tensor, depth: to
     rgb: [3, H, W] float in [0, 1]; depth: [H, W] in G3DR units ([4, 6)). Both writes are atomic
     (temp file, then rename). The result is a training folder for `g3dr train`. Returns both paths.
     """
-    from PIL import Image
-
     if not isinstance(name, str) or not _NAME_RE.match(name) or name.endswith("_depth"):
         raise ValueError(f"save_rgbd: name must be a plain file stem (letters, digits, . _ -; not ending in "
                          f"'_depth'), got {name!r}")
@@ -196,8 +195,6 @@ def save_rgbd(out_dir: Union[str, Path], name: str, rgb: torch.Tensor, depth: to
         raise PermissionError(f"save_rgbd: cannot create output folder {out_dir}: {e}") from e
     rgb_path, depth_path = out_dir / f"{name}.png", out_dir / f"{name}_depth.png"
     arr = (rgb.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    tmp = rgb_path.with_name(rgb_path.name + ".tmp.png")
-    Image.fromarray(arr).save(tmp)
-    tmp.replace(rgb_path)
+    write_png(rgb_path, arr)
     write_depth_png(depth_path, depth)
     return rgb_path, depth_path

@@ -22,6 +22,7 @@ import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+from tqdm import tqdm
 
 from g3dr_kernels import render_triplanes, sampling
 from g3dr_kernels.cameras import g3dr_cam2world, g3dr_rays
@@ -156,7 +157,6 @@ def score(model, n_scenes: int = 8, seed: Optional[int] = None, offsets: Sequenc
     idx = held_out_indices(n_scenes)
     it = idx
     if progress:
-        from tqdm import tqdm
         it = tqdm(idx, desc="held-out scenes", leave=False)
     scenes = [dict(index=i, **score_scene(model, make_scene(i, seed), offsets, n_coarse, n_fine)) for i in it]
     keys = [k for k in DIRECTION if k != "depth_ratio_to_flat"]

@@ -9,6 +9,7 @@ Python API:
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -16,50 +17,26 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
 
 import torch
+from PIL import Image
+from tqdm import tqdm
+
+import g3dr_kernels
+from g3dr_kernels.cameras import g3dr_cam2world, g3dr_rays
 
 from . import cameras as cams
+from .checkpoint import PLANES_FORMAT
 from .checkpoint import load as load_checkpoint
 from .config import Config
-from .data import IMAGE_EXTS, DataError, load_pair
+from .data import IMAGE_EXTS, DataError, depth_path_for, fit_pair, load_pair, read_image
+from .depth import load_depth_model, to_g3dr_depth
+from .depthio import write_depth_png
+from .devices import check_memory, pick_device
+from .export import (MESH_FORMATS, VOXEL_FORMATS, check_out, colorize_depth, depth_mesh, extract_mesh, save_mesh,
+                     save_voxels, voxel_occupancy, write_video)
+from .files import UnsafeFileError, convert_hint, load_tensors, save_tensors
+from .generate import generate_rgbd, load_ldm3d, save_rgbd
 from .model import G3DR
-
-
-def pick_device(device: Optional[str] = None, what: str = "--device") -> torch.device:
-    """None or "auto" -> cuda when available, else cpu; otherwise the named device, checked to exist
-    (ValueError naming the option and the fix, never a traceback from deep inside torch)."""
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError, TypeError):
-        raise ValueError(f"{what} {device!r} is not a device; use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"{what} {device}: CUDA is not available on this machine; use cpu")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ValueError(f"{what} {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if dev.type not in ("cpu", "cuda"):
-        try:
-            torch.empty(0, device=dev)
-        except Exception:
-            raise ValueError(f"{what} {device}: this device is not available here; use cpu or cuda") from None
-    return dev
-
-
-def check_memory(nbytes: float, what: str, fix: str, device: Optional[torch.device] = None) -> None:
-    """ValueError before allocating when `nbytes` could not fit in the device's free memory."""
-    free = None
-    try:
-        if device is not None and device.type == "cuda":
-            free = torch.cuda.mem_get_info(device)[0]
-        else:
-            with open("/proc/meminfo") as f:
-                info = dict(line.split(":", 1) for line in f)
-            free = int(info["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError, RuntimeError):
-        return
-    if nbytes > free:
-        raise ValueError(f"{what} needs about {nbytes / 2**30:,.1f} GiB of memory, more than the "
-                         f"{free / 2**30:,.1f} GiB free; {fix}")
+from .webgl import HTML_FORMATS, export_html
 
 
 def load(ckpt: Union[str, Path], device: Optional[str] = None, backend: Optional[str] = None) -> G3DR:
@@ -67,7 +44,6 @@ def load(ckpt: Union[str, Path], device: Optional[str] = None, backend: Optional
     (.safetensors, see g3dr.checkpoint.save_model) -> G3DR in eval mode. Nothing is unpickled."""
     dev = pick_device(device)
     if backend not in (None, "auto"):
-        import g3dr_kernels
         info = g3dr_kernels.backends().get(backend)
         if info is None:
             raise ValueError(f"unknown backend {backend!r}; use auto, torch, cpu, triton or cuda")
@@ -106,15 +82,10 @@ def load_input(image: Union[str, Path], size: int, depth: Union[str, Path, None]
                depth_model=None) -> Tuple[torch.Tensor, torch.Tensor]:
     """An image file and its depth (a G3DR depth file, a depth estimator from g3dr.depth, or the
     `name_depth.png` beside the image) -> image [1,3,s,s] in [0,1], depth [1,1,s,s]."""
-    from .data import depth_path_for
     image = Path(image)
     if not image.is_file():
         raise DataError(f"input image not found: {image}")
     if depth is None and depth_model is not None:
-        from PIL import Image
-
-        from .data import fit_pair, read_image
-        from .depth import to_g3dr_depth
         img = read_image(image)
         pil = Image.fromarray((img.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy())  # exact: img is 8-bit
         dep = to_g3dr_depth(depth_model.predict([pil])[0], kind=depth_model.kind)[None]
@@ -145,10 +116,6 @@ def list_inputs(path: Union[str, Path]) -> List[Path]:
 def write_views(views: Dict[str, torch.Tensor], out: Path, fps: float = 12.0, frames: bool = True) -> Dict[str, Path]:
     """rgb/depth/opacity [N,*,R,R] -> out/{rgb,depth_color,depth16}/NNN.png, video.mp4, video.gif
     (colour | colourised depth side by side). Returns the written paths."""
-    from PIL import Image
-
-    from .depthio import write_depth_png
-    from .export import write_video
     out.mkdir(parents=True, exist_ok=True)
     rgb = (views["rgb"].clamp(0, 1).permute(0, 2, 3, 1).cpu() * 255).round().to(torch.uint8)
     depth = views["depth"][:, 0].cpu()
@@ -168,7 +135,6 @@ def write_views(views: Dict[str, torch.Tensor], out: Path, fps: float = 12.0, fr
 def colour_depth_frames(depth: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """depth [N,H,W], valid [N,H,W] bool (e.g. opacity > 0.5) -> uint8 [N,H,W,3]: turbo, near warm, one
     robust 2-98 percentile range over every frame (no flicker), empty pixels black."""
-    from .export import colorize_depth
     rng = _robust_range(depth[valid] if valid.any() else depth.flatten())
     return torch.stack([torch.from_numpy(colorize_depth(d, mask=m, value_range=rng)) for d, m in zip(depth, valid)])
 
@@ -224,10 +190,6 @@ def _clean_temps(folder: Path) -> None:
 
 def save_planes(path: Union[str, Path], planes: torch.Tensor, cfg: Config, image: str = "") -> Path:
     """planes [1,3,C,H,W] -> planes.safetensors with the model config (JSON) and the source image."""
-    import json
-
-    from .checkpoint import PLANES_FORMAT
-    from .files import save_tensors
     return save_tensors(path, {"planes": planes.detach().cpu().contiguous()},
                         {"format": PLANES_FORMAT, "config": json.dumps(cfg.to_dict(), sort_keys=True), "image": image})
 
@@ -235,7 +197,6 @@ def save_planes(path: Union[str, Path], planes: torch.Tensor, cfg: Config, image
 def load_planes(path: Union[str, Path], device="cpu") -> torch.Tensor:
     """A planes.safetensors written by `g3dr render` -> planes [B,3,C,H,W]; pickled planes.pt files are
     refused (g3dr.files.UnsafeFileError names the conversion command)."""
-    from .files import UnsafeFileError, convert_hint, load_tensors
     path = Path(path)
     if path.suffix == ".pt":  # the old pickled format: never opened
         if not path.is_file():
@@ -255,7 +216,6 @@ def render_inputs(ckpt, inputs, out, *, depth=None, depth_model_dir=None, trajec
     """`g3dr render`: every input image -> its own output folder under `out` (see output_dirs: frames,
     video.mp4, video.gif, planes.safetensors). Each folder is written under a temporary name and
     swapped in when complete: a failure (a full disk) leaves the previous render of that input intact."""
-    from tqdm import tqdm
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {out} is a file, not a folder")
@@ -271,7 +231,6 @@ def render_inputs(ckpt, inputs, out, *, depth=None, depth_model_dir=None, trajec
                  f"{res}x{res}", "use a smaller --resolution or fewer --frames", dev)
     est = None
     if depth_model_dir is not None:
-        from .depth import load_depth_model
         est = load_depth_model(depth_model_dir, device=dev)
     out.mkdir(parents=True, exist_ok=True)
     results = []
@@ -313,7 +272,6 @@ def planes_for(model: G3DR, source: Union[str, Path], depth=None, depth_model_di
         return planes[:1].to(dev).float()
     est = None
     if depth_model_dir is not None:
-        from .depth import load_depth_model
         est = load_depth_model(depth_model_dir, device=dev)
     img, dep = load_input(source, model.cfg.model.image_size, depth, est)
     return model.reconstruct(img.to(dev), dep.to(dev))
@@ -327,12 +285,7 @@ def export_inputs(ckpt, source, out, *, depth=None, depth_model_dir=None, resolu
     """`g3dr export`: planes (or an image) -> a marching-cubes mesh with vertex colours (`out`: .glb/.obj/.ply)
     or the single-file WebGL viewer (`out`: .html; n_coarse / n_fine samples, default the model's config),
     optionally the canonical view as a depth mesh and a voxel occupancy grid (.npy/.npz/.binvox)."""
-    from g3dr_kernels.cameras import g3dr_cam2world, g3dr_rays
-
-    from .webgl import HTML_FORMATS, export_html
     html = out is not None and Path(out).suffix.lower() in HTML_FORMATS
-    from .export import MESH_FORMATS, VOXEL_FORMATS, check_out, depth_mesh, extract_mesh, save_mesh, save_voxels, \
-        voxel_occupancy
     if out is None and depth_mesh_out is None and voxels_out is None:
         raise ValueError("nothing to export: give --out, --depth-mesh and/or --voxels")
     for path, formats, what in ((out, MESH_FORMATS + HTML_FORMATS, "mesh or viewer"), (depth_mesh_out, MESH_FORMATS, "depth mesh"),
@@ -383,7 +336,6 @@ def generate_to_3d(ldm3d_dir, ckpt, out, *, prompt: Optional[str] = None, class_
     """`g3dr generate`: the paper's f_rgbd step (LDM3D: text or class -> RGB-D) then the same outputs as
     `g3dr render` (and `g3dr export` with mesh_out): out/name.png + name_depth.png, out/name/ (frames,
     video.mp4, video.gif, planes.safetensors), the mesh. `pipe` reuses a loaded pipeline."""
-    from .generate import generate_rgbd, load_ldm3d, save_rgbd
     dev = pick_device(device)
     pipe = pipe if pipe is not None else load_ldm3d(ldm3d_dir, device=dev)
     rgb, depth = generate_rgbd(pipe, prompt, prompt_embeds=prompt_embeds, class_id=class_id, height=size, width=size,

@@ -8,7 +8,9 @@ get it; `loss.allow_random_init=true` (tests, the CPU demo) uses random networks
 """
 from __future__ import annotations
 
+import json
 import os
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Dict, Optional, Sequence
@@ -42,7 +44,9 @@ def _freeze(net: nn.Module) -> nn.Module:
     return net
 
 
-def _vgg16_file(path: str) -> Optional[Path]:
+def vgg16_file(path: str) -> Optional[Path]:
+    """The VGG16 weights LPIPS uses: `path` (loss.vgg_weights; MissingWeightsError when it is not a
+    file), else torchvision's cache file when present, else None (LPIPS would start from random)."""
     if path:
         p = Path(path).expanduser()
         if not p.is_file():
@@ -57,7 +61,7 @@ def _vgg16_file(path: str) -> Optional[Path]:
 def load_lpips(cfg: LossConfig) -> nn.Module:
     """A frozen lpips.LPIPS(net='vgg') with VGG16 weights from a local file (see module docstring)."""
     lpips = _need_extra("lpips", "train")
-    vgg_file = _vgg16_file(cfg.vgg_weights)
+    vgg_file = vgg16_file(cfg.vgg_weights)
     if vgg_file is None and not cfg.allow_random_init:
         raise MissingWeightsError(
             f"LPIPS-VGG needs torchvision's VGG16 ImageNet weights, not found: set loss.vgg_weights=/path/to/{VGG16_FILE} "
@@ -90,8 +94,6 @@ def register_tiny_clip() -> str:
     open_clip = _need_extra("open_clip", "train")
     name = "g3dr-tiny-vit"
     if name not in open_clip.list_models():
-        import json
-        import tempfile
         cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8,
                                                 "head_width": 16},
                "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 1, "layers": 1}}

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 from .checkpoint import Checkpointer, read_checkpoint
+from .devices import check_memory
 from .files import FILE_MODE, atomic_write, strict
 
 LOCK_NAME = "train.lock"
@@ -71,7 +72,7 @@ class RunLock:
         check_out(self.out)
         self.created = not self.out.exists()
         self.out.mkdir(parents=True, exist_ok=True)
-        import fcntl
+        import fcntl  # POSIX only: here, so that importing g3dr does not need it
         for _ in range(100):
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, FILE_MODE)
             try:
@@ -159,7 +160,6 @@ def check_out(out) -> None:
 def check_size(cfg, device) -> None:
     """ValueError before building anything when the model's resolution could not fit in memory (a lower
     bound: the positional embedding, one batch of planes and their gradient, the sample depths, float32)."""
-    from .infer import check_memory
     m, r, b = cfg.model, cfg.render, cfg.train.batch_size
     px = m.image_size ** 2
     samples = r.n_coarse + max(r.n_fine, r.n_target) + (r.n_target if r.target_mode == "add" else 0)

@@ -26,9 +26,13 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from .cameras import CANONICAL_PITCH, CANONICAL_YAW
-from .export import colorize_depth
+from .export import colorize_depth, extract_mesh, save_mesh
+from .files import atomic_write
+from .infer import list_inputs, load, planes_for
+from .webgl import export_html
 
 STEPS = (8, 4, 2, 1)       # divisors of the maximum height, coarse to fine
 MODES = ("RGB", "depth", "opacity")
@@ -37,7 +41,7 @@ _CHUNK = 4096              # rays per renderer call: a camera move interrupts a 
 
 def _viser():
     try:
-        import viser
+        import viser  # optional: only `g3dr view` needs it
     except ImportError as e:
         raise ImportError(f"g3dr view needs viser: pip install 'g3dr[view]' ({e})") from e
     return viser
@@ -105,7 +109,6 @@ def to_image(view: Dict[str, torch.Tensor], mode: str) -> np.ndarray:
 
 
 def _png(img: np.ndarray) -> bytes:
-    from PIL import Image
     buf = io.BytesIO()
     Image.fromarray(img).save(buf, format="PNG")
     return buf.getvalue()
@@ -213,7 +216,6 @@ class LiveViewer:
         """The planes of one input (reconstructed once, then cached)."""
         with self._planes_lock:
             if name not in self._planes:
-                from .infer import planes_for
                 self._planes[name] = planes_for(self.model, self._names[name], self._depth, self._depth_model_dir)
             return self._planes[name]
 
@@ -318,11 +320,10 @@ class LiveViewer:
             if client is not None:
                 client.add_notification("nothing yet", "wait for the full-resolution frame", auto_close_seconds=3.0)
             return
-        from .export import _atomic_write
         self.out.mkdir(parents=True, exist_ok=True)
         path = self.out / self._stem("png")
         data = _png(state.last[0])
-        _atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+        atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
         self._deliver(client, path)
 
     def _export(self, client, kind: str) -> None:
@@ -332,10 +333,8 @@ class LiveViewer:
             path = self.out / self._stem(kind)
             planes = self.planes(self._gui["input"].value)
             if kind == "html":
-                from .webgl import export_html
                 export_html(self.model, planes, path, title=Path(self._gui["input"].value).stem)
             else:
-                from .export import extract_mesh, save_mesh
                 r = self.model.cfg.render
                 mesh = extract_mesh(planes, self.model.decoder, 128, levels=r.levels, box_warp=r.box_warp,
                                     plane_axes=r.plane_axes, density_bias=r.density_bias)
@@ -368,7 +367,6 @@ def serve(ckpt, inputs: Sequence[Union[str, Path]], *, host: str = "127.0.0.1", 
           n_coarse: Optional[int] = None, n_fine: Optional[int] = None, device: Optional[str] = None,
           backend: Optional[str] = None) -> None:
     """`g3dr view`: load the model, serve until Ctrl-C, then stop cleanly."""
-    from .infer import list_inputs, load
     model = load(ckpt, device, backend)
     items = [p for src in inputs for p in list_inputs(src)]
     viewer = LiveViewer(model, items, host=host, port=port, out=out, depth=depth, depth_model_dir=depth_model_dir,

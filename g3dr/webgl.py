@@ -31,7 +31,8 @@ from g3dr_kernels._types import PLANE_AXES
 from g3dr_kernels.cameras import g3dr_cam2world, g3dr_rays
 
 from .cameras import CANONICAL_PITCH, CANONICAL_YAW
-from .export import _check_out, _write_bytes
+from .export import check_out
+from .files import write_bytes
 
 HTML_FORMATS = (".html", ".htm")
 FORMAT = "g3dr-webgl-1"
@@ -171,8 +172,8 @@ def scene_payload(model, planes, *, n_coarse: Optional[int] = None, n_fine: Opti
 def export_html(model, planes, path: Union[str, Path], **kw) -> Dict:
     """Write the viewer page for one scene atomically (see `scene_payload` for the options) ->
     {"path", "bytes", and the float16 error numbers when measured}."""
-    path = _check_out(path, HTML_FORMATS, "viewer")
+    path = check_out(path, HTML_FORMATS, "viewer")
     payload = scene_payload(model, planes, **kw)
     text = html_text(payload)
-    _write_bytes(path, text)
+    write_bytes(path, text)
     return {"path": str(path), "bytes": len(text.encode()), **payload.get("float16", {})}
