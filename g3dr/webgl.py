@@ -26,8 +26,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from g3dr_kernels import reference
-from g3dr_kernels._types import PLANE_AXES
+from g3dr_kernels import PLANE_AXES, reference
 from g3dr_kernels.cameras import g3dr_cam2world, g3dr_rays
 
 from .cameras import CANONICAL_PITCH, CANONICAL_YAW

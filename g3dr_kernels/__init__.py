@@ -4,9 +4,10 @@ volume compositing with G3DR's depth-kernel gradient scaling).
 Importing this package never compiles or loads the extension; see `backends()`.
 """
 from ._backend import BackendUnavailableError, backends
-from ._types import Composite, DepthKernel
+from ._types import PLANE_AXES, Composite, DepthKernel
+from ._validate import BACKENDS
 from .functional import composite, render_triplanes, sample_triplanes
 
 __all__ = ["sample_triplanes", "composite", "render_triplanes", "Composite", "DepthKernel", "backends",
-           "BackendUnavailableError"]
+           "BackendUnavailableError", "BACKENDS", "PLANE_AXES"]
 __version__ = "0.1.0"
