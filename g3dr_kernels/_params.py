@@ -24,7 +24,7 @@ from torch import Tensor
 from ._types import PLANE_COORDS, DepthKernel
 
 _SCHEMA_TYPES = {float: "float", int: "int", bool: "bool"}
-B = TypeVar("B", bound="Block")
+BlockT = TypeVar("BlockT", bound="Block")
 
 
 def _layout(cls: type) -> Tuple[Tuple[str, type], ...]:
@@ -82,7 +82,7 @@ class Block:
         return tuple(out)
 
     @classmethod
-    def split(cls: Type[B], args: Sequence[Any]) -> Tuple[B, Tuple[Any, ...]]:
+    def split(cls: Type[BlockT], args: Sequence[Any]) -> Tuple[BlockT, Tuple[Any, ...]]:
         """(the block made from the first size() values of args, the values after them)."""
         n = cls.size()
         if len(args) < n:
