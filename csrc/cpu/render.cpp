@@ -428,10 +428,7 @@ void fwd_cpu(const Dims& d, const Inputs& in, const RenderParams& p, Outputs& ou
     Args<scalar_t>& c = w.a;
     const std::vector<int64_t> order = ray_order(c, d.B);
     w.order = order.data();
-    c.out_rgb = out.rgb.data_ptr<scalar_t>();
-    c.out_depth = out.depth.data_ptr<scalar_t>();
-    c.out_opacity = out.opacity.data_ptr<scalar_t>();
-    c.out_w = out.weights.dim() == 3 ? out.weights.data_ptr<scalar_t>() : nullptr;  // else not asked for
+    set_outputs(c, out);
     at::parallel_for(0, d.B * d.R, kFwdGrain, [&](int64_t begin, int64_t end) { fwd_rays_any(w, begin, end); });
   });
 }
@@ -466,13 +463,7 @@ void bwd_cpu(const Dims& d, const Inputs& in, const OutputGrads& g, const Output
     k.w.planes = flat.data_ptr<scalar_t>();
     const std::vector<int64_t> order = ray_order(c, d.B);
     k.w.order = order.data();
-    c.g_rgb = g.rgb.data_ptr<scalar_t>();
-    c.g_depth = g.depth.data_ptr<scalar_t>();
-    c.g_op = g.opacity.data_ptr<scalar_t>();
-    c.g_w = g.weights.has_value() ? g.weights->data_ptr<scalar_t>() : nullptr;
-    c.s_rgb = saved.rgb.data_ptr<scalar_t>();
-    c.s_depth = saved.depth.data_ptr<scalar_t>();
-    c.s_op = saved.opacity.data_ptr<scalar_t>();
+    set_output_grads(c, g, saved);
     k.per_batch = per_batch;
     k.nW = nW;
     k.gplanes = gplanes.data_ptr<acc_t>();

@@ -184,10 +184,7 @@ void fwd_cuda(const Dims& d, const Inputs& in, const RenderParams& p, Outputs& o
     const std::vector<at::Tensor> dec = decoder_in(in.w1, in.b1, in.w2, in.b2, c10::CppTypeToScalarType<acc_t>::value);
     // The forward ignores the target: it only scales gradients.
     RenderArgs<scalar_t, acc_t> c = make_args<scalar_t, acc_t>(d, cl, in, false, dec, p);
-    c.out_rgb = out.rgb.mutable_data_ptr<scalar_t>();
-    c.out_depth = out.depth.mutable_data_ptr<scalar_t>();
-    c.out_opacity = out.opacity.mutable_data_ptr<scalar_t>();
-    c.out_w = out.weights.dim() == 3 ? out.weights.mutable_data_ptr<scalar_t>() : nullptr;  // else not asked for
+    set_outputs(c, out);
     with_sizes<scalar_t, acc_t>(d, [&](auto kc, auto khd, auto ko) {
       render_fwd_kernel<scalar_t, acc_t, decltype(kc)::value, decltype(khd)::value, decltype(ko)::value>
           <<<blocks_for(n), kThreads, 0, stream>>>(c, n);
@@ -219,13 +216,7 @@ void bwd_cuda(const Dims& d, const Inputs& in, const OutputGrads& g, const Outpu
       using acc_t = at::opmath_type<scalar_t>;
       const std::vector<at::Tensor> dec = decoder_in(in.w1, in.b1, in.w2, in.b2, acc);
       RenderArgs<scalar_t, acc_t> c = make_args<scalar_t, acc_t>(d, cl, in, true, dec, p);
-      c.g_rgb = g.rgb.const_data_ptr<scalar_t>();
-      c.g_depth = g.depth.const_data_ptr<scalar_t>();
-      c.g_op = g.opacity.const_data_ptr<scalar_t>();
-      c.g_w = g.weights.has_value() ? g.weights->const_data_ptr<scalar_t>() : nullptr;
-      c.s_rgb = saved.rgb.const_data_ptr<scalar_t>();
-      c.s_depth = saved.depth.const_data_ptr<scalar_t>();
-      c.s_op = saved.opacity.const_data_ptr<scalar_t>();
+      set_output_grads(c, g, saved);
       PyramidView<acc_t> gv{};
       gv.levels = static_cast<int>(gcl.size());
       gv.C = static_cast<int>(d.C);

@@ -49,6 +49,27 @@ RenderArgs<scalar_t, acc_t> args_for(const Dims& d, const RenderParams& p) {
   return c;
 }
 
+// The forward's output pointers in c (out_w null when the weights were not asked for).
+template <typename scalar_t, typename acc_t>
+void set_outputs(RenderArgs<scalar_t, acc_t>& c, Outputs& out) {
+  c.out_rgb = out.rgb.mutable_data_ptr<scalar_t>();
+  c.out_depth = out.depth.mutable_data_ptr<scalar_t>();
+  c.out_opacity = out.opacity.mutable_data_ptr<scalar_t>();
+  c.out_w = out.weights.dim() == 3 ? out.weights.mutable_data_ptr<scalar_t>() : nullptr;  // else an empty tensor
+}
+
+// The backward's input pointers in c: the outputs' gradients (g_w null without one) and the saved outputs.
+template <typename scalar_t, typename acc_t>
+void set_output_grads(RenderArgs<scalar_t, acc_t>& c, const OutputGrads& g, const Outputs& saved) {
+  c.g_rgb = g.rgb.const_data_ptr<scalar_t>();
+  c.g_depth = g.depth.const_data_ptr<scalar_t>();
+  c.g_op = g.opacity.const_data_ptr<scalar_t>();
+  c.g_w = g.weights.has_value() ? g.weights->const_data_ptr<scalar_t>() : nullptr;
+  c.s_rgb = saved.rgb.const_data_ptr<scalar_t>();
+  c.s_depth = saved.depth.const_data_ptr<scalar_t>();
+  c.s_op = saved.opacity.const_data_ptr<scalar_t>();
+}
+
 // Device implementations, called by the boundary with checked, contiguous tensors; they fill the
 // tensors the boundary allocated (out: Outputs [B,R,D], [B,R], [B,R], [B,R,S-1] or empty; grads: the
 // shapes and dtypes of levels and decoder).
