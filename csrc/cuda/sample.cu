@@ -181,6 +181,22 @@ std::vector<at::Tensor> channels_last_levels(at::TensorList levels) {
   return cl;
 }
 
+// The kernels' view of channels-last levels [B,3,H,W,C]: their data and their gradient buffers, either
+// list empty when the kernel does not read it.
+template <typename scalar_t, typename acc_t>
+Levels<scalar_t, acc_t> levels_view(const std::vector<at::Tensor>& data, const std::vector<at::Tensor>& grad) {
+  const std::vector<at::Tensor>& sized = data.empty() ? grad : data;
+  Levels<scalar_t, acc_t> lv{};
+  lv.L = static_cast<int>(sized.size());
+  for (int l = 0; l < lv.L; ++l) {
+    lv.data[l] = data.empty() ? nullptr : data[l].data_ptr<scalar_t>();
+    lv.grad[l] = grad.empty() ? nullptr : grad[l].data_ptr<acc_t>();
+    lv.H[l] = sized[l].size(2);
+    lv.W[l] = sized[l].size(3);
+  }
+  return lv;
+}
+
 void check_cuda(const char* op, at::TensorList levels, const at::Tensor& xyz) {
   TORCH_CHECK(levels.size() <= static_cast<size_t>(kMaxLevels), op, ": at most ", kMaxLevels,
               " levels are supported on CUDA, got ", levels.size());
@@ -205,13 +221,7 @@ void fwd_cuda(const Inputs& in, const SampleParams& p, at::Tensor& out) {
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "sample_fwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    Levels<scalar_t, acc_t> lv{};
-    lv.L = static_cast<int>(cl.size());
-    for (int l = 0; l < lv.L; ++l) {
-      lv.data[l] = cl[l].data_ptr<scalar_t>();
-      lv.H[l] = cl[l].size(2);
-      lv.W[l] = cl[l].size(3);
-    }
+    const auto lv = levels_view<scalar_t, acc_t>(cl, {});
     dispatch_cpt(cpt, [&](auto k) {
       sample_fwd_kernel<scalar_t, acc_t, decltype(k)::value><<<num_blocks(B * N, tpp), kThreads, 0, stream>>>(
           lv, xyz.data_ptr<acc_t>(), out.data_ptr<scalar_t>(), B, N, C, static_cast<acc_t>(p.scale),
@@ -240,14 +250,7 @@ void bwd_cuda(const at::Tensor& grad_in, const Inputs& in, const SampleParams& p
     const auto stream = c10::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "sample_bwd_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      Levels<scalar_t, acc_t> lv{};
-      lv.L = static_cast<int>(gcl.size());
-      for (int l = 0; l < lv.L; ++l) {
-        lv.data[l] = need_xyz_grad ? cl[l].data_ptr<scalar_t>() : nullptr;
-        lv.grad[l] = gcl[l].data_ptr<acc_t>();
-        lv.H[l] = gcl[l].size(2);
-        lv.W[l] = gcl[l].size(3);
-      }
+      const auto lv = levels_view<scalar_t, acc_t>(cl, gcl);  // cl is empty without need_xyz_grad
       dispatch_cpt(cpt, [&](auto k) {
         sample_bwd_kernel<scalar_t, acc_t, decltype(k)::value><<<num_blocks(B * N, tpp), kThreads, 0, stream>>>(
             lv, grad.data_ptr<scalar_t>(), xyz.data_ptr<acc_t>(), need_xyz_grad ? gxyz.data_ptr<acc_t>() : nullptr,
