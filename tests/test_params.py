@@ -99,3 +99,14 @@ def test_public_defaults_flatten_as_before():
     p = RenderParams(SampleParams(2.0 / 2.0, 0), CompositeParams(DepthKernel(), -1.0, 1e-3, False))
     assert p.flat() == (1.0, 0, 1.25, 0.03, 0.05, 1.0, -1.0, 1e-3, False)
     assert all(math.isfinite(v) for v in p.flat())
+
+
+@ext_only
+def test_cpp_op_reads_options_by_name():
+    """The boxed boundary reads the options in schema order, so named arguments land where they belong."""
+    g = torch.Generator().manual_seed(3)
+    levels, xyz = [torch.randn(1, 3, 2, 4, 4, generator=g)], torch.rand(1, 5, 3, generator=g) * 2 - 1
+    want = torch.ops.g3dr_C.sample_fwd(levels, xyz, 0.5, 1)
+    got = torch.ops.g3dr_C.sample_fwd(levels, xyz, plane_axes=1, scale=0.5)
+    assert torch.equal(got, want)
+    assert not torch.equal(torch.ops.g3dr_C.sample_fwd(levels, xyz, 0.5, 0), want)  # the options do matter
