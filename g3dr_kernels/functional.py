@@ -10,6 +10,7 @@ import torch
 
 from . import reference
 from ._backend import resolve
+from ._params import CompositeParams, RenderParams, SampleParams
 from ._types import Composite, DepthKernel
 from ._validate import (check_backend, check_box_warp, check_composite, check_decoder, check_depths, check_planes, check_rays,
                         check_xyz, plane_axes_code)
@@ -57,7 +58,7 @@ def sample_triplanes(planes: Planes, xyz: torch.Tensor, *, levels: int = 3, box_
     from .ops.sample import XYZ_GRAD_BACKENDS, sample_fwd
     if b not in XYZ_GRAD_BACKENDS:
         _no_grad_inputs(b, xyz=xyz)
-    return sample_fwd([p.contiguous() for p in pyr], xyz.contiguous(), 2.0 / box_warp, code, b)
+    return sample_fwd([p.contiguous() for p in pyr], xyz.contiguous(), *SampleParams(2.0 / box_warp, code).flat(), b)
 
 
 def composite(sigma: torch.Tensor, rgb: torch.Tensor, depths: torch.Tensor, *,
@@ -85,9 +86,9 @@ def composite(sigma: torch.Tensor, rgb: torch.Tensor, depths: torch.Tensor, *,
     _no_grad_inputs(b, depths=depths)
     from .ops.composite import composite_fwd
     t = None if target_depth is None else target_depth.detach().contiguous()
-    c, d, o, w = composite_fwd(sigma.contiguous(), rgb.contiguous(), depths.contiguous(), t, float(kernel.s1),
-                               float(kernel.s2), float(kernel.c_min), float(kernel.c_max), float(density_bias),
-                               float(eps), bool(white_background), bool(return_weights), b)
+    params = CompositeParams(kernel, density_bias, eps, white_background)
+    c, d, o, w = composite_fwd(sigma.contiguous(), rgb.contiguous(), depths.contiguous(), t, *params.flat(),
+                               bool(return_weights), b)
     return Composite(c, d, o, w if return_weights else None)
 
 
@@ -125,9 +126,9 @@ def render_triplanes(planes: Planes, rays_o: torch.Tensor, rays_d: torch.Tensor,
     _no_grad_inputs(b, rays_o=rays_o, rays_d=rays_d, depths=depths)
     from .ops.render import render_fwd
     t = None if target_depth is None else target_depth.detach().contiguous()
+    params = RenderParams(SampleParams(2.0 / box_warp, code),
+                          CompositeParams(kernel, density_bias, eps, white_background))
     c, d, o, w = render_fwd([p.contiguous() for p in pyr], rays_o.contiguous(), rays_d.contiguous(),
                             depths.contiguous(), w1.contiguous(), b1.contiguous(), w2.contiguous(), b2.contiguous(), t,
-                            2.0 / box_warp, code, float(kernel.s1), float(kernel.s2), float(kernel.c_min),
-                            float(kernel.c_max), float(density_bias), float(eps), bool(white_background),
-                            bool(return_weights), b)
+                            *params.flat(), bool(return_weights), b)
     return Composite(c, d, o, w if return_weights else None)

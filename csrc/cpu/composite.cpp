@@ -1,6 +1,7 @@
-// Volume compositing with depth-kernel gradient scaling: op schemas and the CPU kernels.
+// Volume compositing with depth-kernel gradient scaling: the CPU kernels (the op boundary, with the
+// schemas, checks and outputs, is csrc/ops/composite.cpp).
 // The per-ray math is g3dr::composite::ray_forward / ray_backward (csrc/include/g3dr/composite_math.h);
-// this file checks arguments, allocates outputs and runs it over the rays with at::parallel_for (float32
+// this file runs it over the rays with at::parallel_for (float32
 // first computes each block of rays' per-interval coefficients with vectorised transcendentals).
 // Contract: g3dr_kernels/ops/composite.py.
 
@@ -16,7 +17,6 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <atomic>
@@ -24,75 +24,14 @@
 #include <type_traits>
 #include <vector>
 #include <optional>
-#include <tuple>
 
 #include "g3dr/composite_math.h"
+#include "g3dr/composite_op.h"
 
 namespace g3dr {
 namespace composite {
 
-// Argument checks shared with csrc/cuda/composite.cu (declared there). Shapes in every message.
-void check_fwd_args(const at::Tensor& sigma, const at::Tensor& rgb, const at::Tensor& depths,
-                    const std::optional<at::Tensor>& target, double s2, double c_min, double c_max) {
-  TORCH_CHECK(sigma.dim() == 3 && rgb.dim() == 4 && depths.dim() == 3,
-              "composite: expected sigma [B,R,S], rgb [B,R,S,D], depths [B,R,S]; got sigma ", sigma.sizes(),
-              ", rgb ", rgb.sizes(), ", depths ", depths.sizes());
-  TORCH_CHECK(rgb.sizes().slice(0, 3) == sigma.sizes() && depths.sizes() == sigma.sizes(),
-              "composite: sigma, rgb and depths disagree on B,R,S: sigma ", sigma.sizes(), ", rgb ", rgb.sizes(),
-              ", depths ", depths.sizes());
-  TORCH_CHECK(sigma.size(2) >= 2, "composite: needs S >= 2 samples per ray, got sigma ", sigma.sizes());
-  TORCH_CHECK(rgb.size(3) >= 1, "composite: rgb needs D >= 1 channels, got ", rgb.sizes());
-  TORCH_CHECK(rgb.scalar_type() == sigma.scalar_type() && depths.scalar_type() == sigma.scalar_type(),
-              "composite: sigma, rgb, depths must share a dtype, got ", sigma.scalar_type(), ", ",
-              rgb.scalar_type(), ", ", depths.scalar_type());
-  TORCH_CHECK(rgb.device() == sigma.device() && depths.device() == sigma.device(),
-              "composite: sigma, rgb, depths must be on one device, got ", sigma.device(), ", ", rgb.device(), ", ",
-              depths.device());
-  if (target.has_value()) {
-    const at::Tensor& t = *target;
-    TORCH_CHECK(t.dim() == 2 && t.size(0) == sigma.size(0) && t.size(1) == sigma.size(1),
-                "composite: target must be [B,R] = [", sigma.size(0), ", ", sigma.size(1), "], got ", t.sizes());
-    TORCH_CHECK(t.scalar_type() == sigma.scalar_type() && t.device() == sigma.device(),
-                "composite: target must match sigma's dtype and device, got ", t.scalar_type(), " on ", t.device());
-  }
-  TORCH_CHECK(s2 > 0 && c_min <= c_max, "composite: depth kernel needs s2 > 0 and c_min <= c_max, got s2=", s2,
-              ", c_min=", c_min, ", c_max=", c_max);
-}
-
-void check_bwd_args(const at::Tensor& grad_rgb, const at::Tensor& grad_depth, const at::Tensor& grad_opacity,
-                    const std::optional<at::Tensor>& grad_weights, const at::Tensor& sigma, const at::Tensor& rgb,
-                    const at::Tensor& out_rgb, const at::Tensor& out_depth, const at::Tensor& out_opacity) {
-  const int64_t B = sigma.size(0), R = sigma.size(1), S = sigma.size(2), D = rgb.size(3);
-  auto is = [](const at::Tensor& t, std::initializer_list<int64_t> shape) { return t.sizes() == at::IntArrayRef(shape); };
-  TORCH_CHECK(is(grad_rgb, {B, R, D}) && is(out_rgb, {B, R, D}) && is(grad_depth, {B, R}) &&
-                  is(grad_opacity, {B, R}) && is(out_depth, {B, R}) && is(out_opacity, {B, R}),
-              "composite_bwd: with sigma ", sigma.sizes(), " and rgb ", rgb.sizes(),
-              " expected grad_rgb/out_rgb [B,R,D] and grad_depth/grad_opacity/out_depth/out_opacity [B,R]; got "
-              "grad_rgb ", grad_rgb.sizes(), ", out_rgb ", out_rgb.sizes(), ", grad_depth ", grad_depth.sizes(),
-              ", grad_opacity ", grad_opacity.sizes(), ", out_depth ", out_depth.sizes(), ", out_opacity ",
-              out_opacity.sizes());
-  if (grad_weights.has_value()) {
-    TORCH_CHECK(is(*grad_weights, {B, R, S - 1}), "composite_bwd: grad_weights must be [B,R,S-1] = [", B, ", ", R,
-                ", ", S - 1, "], got ", grad_weights->sizes());
-  }
-  for (const at::Tensor* t : {&grad_rgb, &grad_depth, &grad_opacity, &out_rgb, &out_depth, &out_opacity}) {
-    TORCH_CHECK(t->scalar_type() == sigma.scalar_type() && t->device() == sigma.device(),
-                "composite_bwd: gradients and saved outputs must match sigma's dtype ", sigma.scalar_type(),
-                " and device ", sigma.device(), ", got ", t->scalar_type(), " on ", t->device());
-  }
-  if (grad_weights.has_value()) {
-    TORCH_CHECK(grad_weights->scalar_type() == sigma.scalar_type() && grad_weights->device() == sigma.device(),
-                "composite_bwd: grad_weights must match sigma's dtype and device");
-  }
-}
-
 namespace {
-
-template <typename T>
-Params<T> make_params(double s1, double s2, double c_min, double c_max, double density_bias, double eps,
-                      bool white_bg) {
-  return Params<T>{T(s1), T(s2), T(c_min), T(c_max), T(density_bias), T(eps), white_bg};
-}
 
 // Runs body(begin, end) on chunks of rays covering [0, n), handed out to the at::parallel_for threads
 // one at a time: a thread that is held up (a busy core) costs the call one chunk, not a fixed share
@@ -372,78 +311,34 @@ void bwd_cpu_impl(const at::Tensor& g_rgb, const at::Tensor& g_depth, const at::
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> composite_fwd_cpu(
-    const at::Tensor& sigma_in, const at::Tensor& rgb_in, const at::Tensor& depths_in,
-    const std::optional<at::Tensor>& target, double s1, double s2, double c_min, double c_max, double density_bias,
-    double eps, bool white_bg, bool need_weights) {
-  check_fwd_args(sigma_in, rgb_in, depths_in, target, s2, c_min, c_max);
-  TORCH_CHECK(sigma_in.scalar_type() == at::kFloat || sigma_in.scalar_type() == at::kDouble,
-              "composite (cpu): float32 and float64 only, got ", sigma_in.scalar_type(),
+void check_dtype(const at::Tensor& sigma) {
+  TORCH_CHECK(sigma.scalar_type() == at::kFloat || sigma.scalar_type() == at::kDouble,
+              "composite (cpu): float32 and float64 only, got ", sigma.scalar_type(),
               "; use backend='torch' for other dtypes on CPU");
-  const at::Tensor sigma = sigma_in.contiguous(), rgb = rgb_in.contiguous(), depths = depths_in.contiguous();
-  const int64_t B = sigma.size(0), R = sigma.size(1), S = sigma.size(2), D = rgb.size(3);
-  at::Tensor out_rgb = at::empty({B, R, D}, rgb.options());
-  at::Tensor out_depth = at::empty({B, R}, sigma.options());
-  at::Tensor out_opacity = at::empty({B, R}, sigma.options());
-  at::Tensor weights = need_weights ? at::empty({B, R, S - 1}, sigma.options()) : at::empty({0}, sigma.options());
-  AT_DISPATCH_FLOATING_TYPES(sigma.scalar_type(), "composite_fwd_cpu", [&] {
-    const auto prm = make_params<scalar_t>(s1, s2, c_min, c_max, density_bias, eps, white_bg);
-    at::Tensor* w = need_weights ? &weights : nullptr;
-    if (D <= 4) {
-      fwd_cpu_impl<scalar_t, 4>(sigma, rgb, depths, prm, out_rgb, out_depth, out_opacity, w);
-    } else {
-      fwd_cpu_impl<scalar_t, 8>(sigma, rgb, depths, prm, out_rgb, out_depth, out_opacity, w);
-    }
-  });
-  return {out_rgb, out_depth, out_opacity, weights};
-}
-
-std::tuple<at::Tensor, at::Tensor> composite_bwd_cpu(
-    const at::Tensor& grad_rgb_in, const at::Tensor& grad_depth_in, const at::Tensor& grad_opacity_in,
-    const std::optional<at::Tensor>& grad_weights_in, const at::Tensor& sigma_in, const at::Tensor& rgb_in,
-    const at::Tensor& depths_in, const std::optional<at::Tensor>& target_in, const at::Tensor& out_rgb_in,
-    const at::Tensor& out_depth_in, const at::Tensor& out_opacity_in, double s1, double s2, double c_min, double c_max,
-    double density_bias, double eps, bool white_bg) {
-  check_fwd_args(sigma_in, rgb_in, depths_in, target_in, s2, c_min, c_max);
-  check_bwd_args(grad_rgb_in, grad_depth_in, grad_opacity_in, grad_weights_in, sigma_in, rgb_in, out_rgb_in,
-                 out_depth_in, out_opacity_in);
-  TORCH_CHECK(sigma_in.scalar_type() == at::kFloat || sigma_in.scalar_type() == at::kDouble,
-              "composite (cpu): float32 and float64 only, got ", sigma_in.scalar_type());
-  const at::Tensor sigma = sigma_in.contiguous(), rgb = rgb_in.contiguous(), depths = depths_in.contiguous();
-  const at::Tensor g_rgb = grad_rgb_in.contiguous(), g_depth = grad_depth_in.contiguous(),
-                   g_op = grad_opacity_in.contiguous();
-  const at::Tensor o_rgb = out_rgb_in.contiguous(), o_depth = out_depth_in.contiguous(),
-                   o_op = out_opacity_in.contiguous();
-  const std::optional<at::Tensor> g_w =
-      grad_weights_in.has_value() ? std::optional<at::Tensor>(grad_weights_in->contiguous()) : std::nullopt;
-  const std::optional<at::Tensor> target =
-      target_in.has_value() ? std::optional<at::Tensor>(target_in->contiguous()) : std::nullopt;
-  at::Tensor grad_sigma = at::empty_like(sigma);
-  at::Tensor grad_rgb = at::empty_like(rgb);
-  AT_DISPATCH_FLOATING_TYPES(sigma.scalar_type(), "composite_bwd_cpu", [&] {
-    bwd_cpu_impl<scalar_t>(g_rgb, g_depth, g_op, g_w, sigma, rgb, depths, target, o_rgb, o_depth, o_op,
-                           make_params<scalar_t>(s1, s2, c_min, c_max, density_bias, eps, white_bg), grad_sigma,
-                           grad_rgb);
-  });
-  return {grad_sigma, grad_rgb};
 }
 
 }  // namespace
+
+void fwd_cpu(const Inputs& in, const CompositeParams& p, Outputs& out) {
+  check_dtype(in.sigma);
+  AT_DISPATCH_FLOATING_TYPES(in.sigma.scalar_type(), "composite_fwd_cpu", [&] {
+    const auto prm = cast<Params<scalar_t>>(p);
+    at::Tensor* w = out.weights.dim() == 3 ? &out.weights : nullptr;  // else not asked for
+    if (in.rgb.size(3) <= 4) {
+      fwd_cpu_impl<scalar_t, 4>(in.sigma, in.rgb, in.depths, prm, out.rgb, out.depth, out.opacity, w);
+    } else {
+      fwd_cpu_impl<scalar_t, 8>(in.sigma, in.rgb, in.depths, prm, out.rgb, out.depth, out.opacity, w);
+    }
+  });
+}
+
+void bwd_cpu(const Inputs& in, const OutputGrads& g, const Outputs& saved, const CompositeParams& p, Grads& grads) {
+  check_dtype(in.sigma);
+  AT_DISPATCH_FLOATING_TYPES(in.sigma.scalar_type(), "composite_bwd_cpu", [&] {
+    bwd_cpu_impl<scalar_t>(g.rgb, g.depth, g.opacity, g.weights, in.sigma, in.rgb, in.depths, in.target, saved.rgb,
+                           saved.depth, saved.opacity, cast<Params<scalar_t>>(p), grads.sigma, grads.rgb);
+  });
+}
+
 }  // namespace composite
 }  // namespace g3dr
-
-TORCH_LIBRARY_FRAGMENT(g3dr_C, m) {
-  m.def(
-      "composite_fwd(Tensor sigma, Tensor rgb, Tensor depths, Tensor? target, float s1, float s2, float c_min, "
-      "float c_max, float density_bias, float eps, bool white_bg, bool need_weights) -> (Tensor, Tensor, Tensor, "
-      "Tensor)");
-  m.def(
-      "composite_bwd(Tensor grad_rgb, Tensor grad_depth, Tensor grad_opacity, Tensor? grad_weights, Tensor sigma, "
-      "Tensor rgb, Tensor depths, Tensor? target, Tensor out_rgb, Tensor out_depth, Tensor out_opacity, float s1, "
-      "float s2, float c_min, float c_max, float density_bias, float eps, bool white_bg) -> (Tensor, Tensor)");
-}
-
-TORCH_LIBRARY_IMPL(g3dr_C, CPU, m) {
-  m.impl("composite_fwd", &g3dr::composite::composite_fwd_cpu);
-  m.impl("composite_bwd", &g3dr::composite::composite_bwd_cpu);
-}

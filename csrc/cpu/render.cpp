@@ -1,7 +1,8 @@
-// Fully fused renderer (points -> multi-resolution triplane sampling -> decoder -> composite): op
-// schemas and the CPU kernels. Contract: g3dr_kernels/ops/render.py. The per-sample math and the
+// Fully fused renderer (points -> multi-resolution triplane sampling -> decoder -> composite): the CPU
+// kernels. Contract: g3dr_kernels/ops/render.py; the op boundary (schemas, checks, outputs) is
+// csrc/ops/render.cpp. The per-sample math and the
 // per-ray loops live in csrc/include/g3dr/render_math.h (with sample_math.h and composite_math.h),
-// shared with csrc/cuda/render.cu; this file checks arguments, lays the planes out channels-last and
+// shared with csrc/cuda/render.cu; this file lays the planes out channels-last and
 // runs chunks of rays per thread with at::parallel_for, each batch element's rays in Morton order of
 // their mid point (ray_order: texel rows reused from cache). On the CPU the decoder runs over tiles of
 // whole rays (~256 samples): taps.h gathers and scatters, tile_gemm.h's small matrix products for the
@@ -15,100 +16,21 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/OpMathType.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <optional>
-#include <tuple>
 #include <utility>
 #include <vector>
 
 #include "g3dr/render_math.h"
+#include "g3dr/render_op.h"
 #include "taps.h"
 #include "tile_gemm.h"
 
 namespace g3dr {
 namespace render {
-
-// Argument checks shared with csrc/cuda/render.cu (declared there). Shapes in every message.
-Dims check_fwd_args(at::TensorList levels, const at::Tensor& rays_o, const at::Tensor& rays_d,
-                    const at::Tensor& depths, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
-                    const at::Tensor& b2, const std::optional<at::Tensor>& target, double scale,
-                    int64_t plane_axes, double s2, double c_min, double c_max) {
-  TORCH_CHECK(!levels.empty() && static_cast<int>(levels.size()) <= kMaxLevels, "render: expected 1..", kMaxLevels,
-              " pyramid levels, got ", levels.size());
-  const at::Tensor& l0 = levels[0];
-  TORCH_CHECK(l0.dim() == 5 && l0.size(1) == 3, "render: levels[0] must be [B,3,C,H,W], got ", l0.sizes());
-  const int64_t B = l0.size(0), C = l0.size(2);
-  for (size_t l = 0; l < levels.size(); ++l) {
-    const at::Tensor& lv = levels[l];
-    TORCH_CHECK(lv.dim() == 5 && lv.size(0) == B && lv.size(1) == 3 && lv.size(2) == C && lv.size(3) >= 1 &&
-                    lv.size(4) >= 1,
-                "render: every level must be [B,3,C,H,W] with levels[0]'s B and C ", l0.sizes(), "; levels[", l,
-                "] is ", lv.sizes());
-    TORCH_CHECK(lv.scalar_type() == l0.scalar_type() && lv.device() == l0.device(), "render: levels[", l,
-                "] is ", lv.scalar_type(), " on ", lv.device(), " but levels[0] is ", l0.scalar_type(), " on ",
-                l0.device());
-  }
-  TORCH_CHECK(depths.dim() == 3 && depths.size(0) == B, "render: depths must be [B,R,S] with B = ", B, ", got ",
-              depths.sizes());
-  const int64_t R = depths.size(1), S = depths.size(2);
-  TORCH_CHECK(S >= 2, "render: needs S >= 2 samples per ray, got depths ", depths.sizes());
-  auto is = [](const at::Tensor& t, std::initializer_list<int64_t> shape) { return t.sizes() == at::IntArrayRef(shape); };
-  TORCH_CHECK(is(rays_o, {B, R, 3}) && is(rays_d, {B, R, 3}), "render: rays_o and rays_d must be [B,R,3] = [", B,
-              ", ", R, ", 3], got ", rays_o.sizes(), " and ", rays_d.sizes());
-  TORCH_CHECK(w1.dim() == 2 && w1.size(1) == C && w2.dim() == 2 && w2.size(0) >= 2 && w2.size(1) == w1.size(0) &&
-                  is(b1, {w1.size(0)}) && is(b2, {w2.size(0)}),
-              "render: decoder must be w1 [hidden,C=", C, "], b1 [hidden], w2 [1+D,hidden] (D >= 1), b2 [1+D]; got w1 ",
-              w1.sizes(), ", b1 ", b1.sizes(), ", w2 ", w2.sizes(), ", b2 ", b2.sizes());
-  if (target.has_value()) {
-    TORCH_CHECK(is(*target, {B, R}), "render: target must be [B,R] = [", B, ", ", R, "], got ", target->sizes());
-  }
-  for (const at::Tensor* t : {&rays_o, &rays_d, &depths, &w1, &b1, &w2, &b2}) {
-    TORCH_CHECK(t->scalar_type() == l0.scalar_type() && t->device() == l0.device(),
-                "render: all inputs must share the planes' dtype and device (", l0.scalar_type(), " on ", l0.device(),
-                "), got a tensor of shape ", t->sizes(), " that is ", t->scalar_type(), " on ", t->device());
-  }
-  if (target.has_value()) {
-    TORCH_CHECK(target->scalar_type() == l0.scalar_type() && target->device() == l0.device(),
-                "render: target must match the planes' dtype and device, got ", target->scalar_type(), " on ",
-                target->device());
-  }
-  TORCH_CHECK(plane_axes == 0 || plane_axes == 1, "render: plane_axes must be 0 (eg3d) or 1 (xyz), got ", plane_axes);
-  TORCH_CHECK(std::isfinite(scale) && scale > 0, "render: scale (2 / box_warp) must be finite and > 0, got ", scale);
-  TORCH_CHECK(s2 > 0 && c_min <= c_max, "render: depth kernel needs s2 > 0 and c_min <= c_max, got s2=", s2,
-              ", c_min=", c_min, ", c_max=", c_max);
-  return Dims{B, R, S, C, w1.size(0), w2.size(0)};
-}
-
-void check_bwd_args(const Dims& d, const at::Tensor& grad_rgb, const at::Tensor& grad_depth,
-                    const at::Tensor& grad_opacity, const std::optional<at::Tensor>& grad_weights,
-                    const at::Tensor& out_rgb, const at::Tensor& out_depth, const at::Tensor& out_opacity,
-                    const at::Tensor& ref) {
-  const int64_t B = d.B, R = d.R, D = d.O - 1;
-  auto is = [](const at::Tensor& t, std::initializer_list<int64_t> shape) { return t.sizes() == at::IntArrayRef(shape); };
-  TORCH_CHECK(is(grad_rgb, {B, R, D}) && is(out_rgb, {B, R, D}) && is(grad_depth, {B, R}) &&
-                  is(grad_opacity, {B, R}) && is(out_depth, {B, R}) && is(out_opacity, {B, R}),
-              "render_bwd: expected grad_rgb/out_rgb [B,R,D] = [", B, ", ", R, ", ", D,
-              "] and grad_depth/grad_opacity/out_depth/out_opacity [B,R]; got grad_rgb ", grad_rgb.sizes(),
-              ", out_rgb ", out_rgb.sizes(), ", grad_depth ", grad_depth.sizes(), ", grad_opacity ",
-              grad_opacity.sizes(), ", out_depth ", out_depth.sizes(), ", out_opacity ", out_opacity.sizes());
-  if (grad_weights.has_value()) {
-    TORCH_CHECK(is(*grad_weights, {B, R, d.S - 1}), "render_bwd: grad_weights must be [B,R,S-1] = [", B, ", ", R,
-                ", ", d.S - 1, "], got ", grad_weights->sizes());
-  }
-  for (const at::Tensor* t : {&grad_rgb, &grad_depth, &grad_opacity, &out_rgb, &out_depth, &out_opacity}) {
-    TORCH_CHECK(t->scalar_type() == ref.scalar_type() && t->device() == ref.device(),
-                "render_bwd: gradients and saved outputs must be ", ref.scalar_type(), " on ", ref.device(),
-                ", got a tensor of shape ", t->sizes(), " that is ", t->scalar_type(), " on ", t->device());
-  }
-  if (grad_weights.has_value()) {
-    TORCH_CHECK(grad_weights->scalar_type() == ref.scalar_type() && grad_weights->device() == ref.device(),
-                "render_bwd: grad_weights must be ", ref.scalar_type(), " on ", ref.device());
-  }
-}
 
 namespace {
 
@@ -174,13 +96,6 @@ PyramidView<T> view_of(const at::Tensor& flat, const tile::FlatPyramid& fp) {
     v.batch_stride[l] = fp.P;
   }
   return v;
-}
-
-template <typename acc_t>
-composite::Params<acc_t> params(double s1, double s2, double c_min, double c_max, double density_bias, double eps,
-                                bool white_bg) {
-  return composite::Params<acc_t>{acc_t(s1), acc_t(s2), acc_t(c_min), acc_t(c_max), acc_t(density_bias),
-                                  acc_t(eps), white_bg};
 }
 
 // Decoder weights in the accumulation type: w1 [Hd,C], its transpose [C,Hd], b1, w2 [O,Hd], b2.
@@ -271,31 +186,20 @@ struct Chunks {
 };
 
 template <typename scalar_t>
-Args<scalar_t> make_args(const Dims& d, const at::Tensor& flat, const tile::FlatPyramid& fp, const at::Tensor& rays_o,
-                         const at::Tensor& rays_d, const at::Tensor& depths, const std::optional<at::Tensor>& target,
-                         const Decoder& dec, double scale, int64_t plane_axes,
-                         const composite::Params<at::opmath_type<scalar_t>>& prm) {
+Args<scalar_t> make_args(const Dims& d, const at::Tensor& flat, const tile::FlatPyramid& fp, const Inputs& in,
+                         const Decoder& dec, const RenderParams& p, bool with_target) {
   using acc_t = at::opmath_type<scalar_t>;
-  Args<scalar_t> c{};
-  c.R = d.R;
-  c.S = d.S;
-  c.C = d.C;
-  c.Hd = d.Hd;
-  c.O = d.O;
-  c.D = d.O - 1;
+  Args<scalar_t> c = args_for<scalar_t, acc_t>(d, p);
   c.pv = view_of<const scalar_t>(flat, fp);
-  c.ro = rays_o.data_ptr<scalar_t>();
-  c.rd = rays_d.data_ptr<scalar_t>();
-  c.dz = depths.data_ptr<scalar_t>();
-  c.target = target.has_value() ? target->data_ptr<scalar_t>() : nullptr;
+  c.ro = in.rays_o.data_ptr<scalar_t>();
+  c.rd = in.rays_d.data_ptr<scalar_t>();
+  c.dz = in.depths.data_ptr<scalar_t>();
+  c.target = with_target && in.target.has_value() ? in.target->data_ptr<scalar_t>() : nullptr;
   c.w1 = dec.w1.data_ptr<acc_t>();
   c.w1t = dec.w1t.data_ptr<acc_t>();
   c.b1 = dec.b1.data_ptr<acc_t>();
   c.w2 = dec.w2.data_ptr<acc_t>();
   c.b2 = dec.b2.data_ptr<acc_t>();
-  c.scale = static_cast<acc_t>(scale);
-  c.plane_axes = static_cast<int>(plane_axes);
-  c.prm = prm;
   return c;
 }
 
@@ -512,147 +416,74 @@ inline void bwd_chunks_any(const Chunks<double>& k, int64_t b, int64_t e) { bwd_
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> render_fwd_cpu(
-    at::TensorList levels, const at::Tensor& rays_o, const at::Tensor& rays_d, const at::Tensor& depths,
-    const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
-    const std::optional<at::Tensor>& target, double scale, int64_t plane_axes, double s1, double s2, double c_min,
-    double c_max, double density_bias, double eps, bool white_bg, bool need_weights) {
-  const Dims d =
-      check_fwd_args(levels, rays_o, rays_d, depths, w1, b1, w2, b2, target, scale, plane_axes, s2, c_min, c_max);
-  TORCH_CHECK(depths.device().is_cpu(), "render_fwd (cpu): tensors must be on the CPU, got ", depths.device());
-  const auto opts = depths.options();
-  at::Tensor out_rgb = at::empty({d.B, d.R, d.O - 1}, opts);
-  at::Tensor out_depth = at::empty({d.B, d.R}, opts);
-  at::Tensor out_opacity = at::empty({d.B, d.R}, opts);
-  at::Tensor weights = need_weights ? at::empty({d.B, d.R, d.S - 1}, opts) : at::empty({0}, opts);
-  if (d.B * d.R == 0) return {out_rgb, out_depth, out_opacity, weights};
-  const tile::FlatPyramid fp = flat_layout(levels);
-  const at::Tensor flat = flat_channels_last(levels, fp);
-  const at::Tensor ro = rays_o.contiguous(), rd = rays_d.contiguous(), dz = depths.contiguous();
-  AT_DISPATCH_FLOATING_TYPES(depths.scalar_type(), "render_fwd_cpu", [&] {
+void fwd_cpu(const Dims& d, const Inputs& in, const RenderParams& p, Outputs& out) {
+  if (d.B * d.R == 0) return;
+  const tile::FlatPyramid fp = flat_layout(in.levels);
+  const at::Tensor flat = flat_channels_last(in.levels, fp);
+  AT_DISPATCH_FLOATING_TYPES(in.depths.scalar_type(), "render_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const Decoder dec = decoder_in(w1, b1, w2, b2, c10::CppTypeToScalarType<acc_t>::value);
-    Work<scalar_t> w{make_args<scalar_t>(d, flat, fp, ro, rd, dz, std::nullopt, dec, scale, plane_axes,
-                                         params<acc_t>(s1, s2, c_min, c_max, density_bias, eps, white_bg)),
-                     fp, flat.data_ptr<scalar_t>(), nullptr};
+    const Decoder dec = decoder_in(in.w1, in.b1, in.w2, in.b2, c10::CppTypeToScalarType<acc_t>::value);
+    // The forward ignores the target: it only scales gradients.
+    Work<scalar_t> w{make_args<scalar_t>(d, flat, fp, in, dec, p, false), fp, flat.data_ptr<scalar_t>(), nullptr};
     Args<scalar_t>& c = w.a;
     const std::vector<int64_t> order = ray_order(c, d.B);
     w.order = order.data();
-    c.out_rgb = out_rgb.data_ptr<scalar_t>();
-    c.out_depth = out_depth.data_ptr<scalar_t>();
-    c.out_opacity = out_opacity.data_ptr<scalar_t>();
-    c.out_w = need_weights ? weights.data_ptr<scalar_t>() : nullptr;
+    set_outputs(c, out);
     at::parallel_for(0, d.B * d.R, kFwdGrain, [&](int64_t begin, int64_t end) { fwd_rays_any(w, begin, end); });
   });
-  return {out_rgb, out_depth, out_opacity, weights};
 }
 
-std::vector<at::Tensor> render_bwd_cpu(const at::Tensor& grad_rgb, const at::Tensor& grad_depth,
-                                       const at::Tensor& grad_opacity, const std::optional<at::Tensor>& grad_weights,
-                                       at::TensorList levels, const at::Tensor& rays_o, const at::Tensor& rays_d,
-                                       const at::Tensor& depths, const at::Tensor& w1, const at::Tensor& b1,
-                                       const at::Tensor& w2, const at::Tensor& b2,
-                                       const std::optional<at::Tensor>& target, const at::Tensor& out_rgb,
-                                       const at::Tensor& out_depth, const at::Tensor& out_opacity, double scale,
-                                       int64_t plane_axes, double s1, double s2, double c_min, double c_max,
-                                       double density_bias, double eps, bool white_bg) {
-  const Dims d =
-      check_fwd_args(levels, rays_o, rays_d, depths, w1, b1, w2, b2, target, scale, plane_axes, s2, c_min, c_max);
-  check_bwd_args(d, grad_rgb, grad_depth, grad_opacity, grad_weights, out_rgb, out_depth, out_opacity, depths);
-  TORCH_CHECK(depths.device().is_cpu(), "render_bwd (cpu): tensors must be on the CPU, got ", depths.device());
-  const at::ScalarType acc = at::toOpMathType(depths.scalar_type());
+void bwd_cpu(const Dims& d, const Inputs& in, const OutputGrads& g, const Outputs& saved, const RenderParams& p,
+             Grads& grads) {
+  if (d.B * d.R == 0) {  // nothing to accumulate (and the buffers below may have no room for a level)
+    for (at::Tensor& t : grads.levels) t.zero_();
+    for (at::Tensor* t : {&grads.w1, &grads.b1, &grads.w2, &grads.b2}) t->zero_();
+    return;
+  }
+  const at::ScalarType acc = at::toOpMathType(in.depths.scalar_type());
   // Chunks: each batch element's rays split into per_batch parts, enough for every thread to have one
   // when B is small; each chunk owns a plane-gradient buffer for its batch element.
   const int64_t threads = at::globalContext().deterministicAlgorithms()
                               ? kDeterministicThreads
                               : std::max<int64_t>(1, at::get_num_threads());
-  const int64_t per_batch =
-      d.B == 0 ? 1 : std::max<int64_t>(1, std::min<int64_t>((threads + d.B - 1) / d.B, d.R / kMinRaysPerChunk));
-  const tile::FlatPyramid fp = flat_layout(levels);
+  const int64_t per_batch = std::max<int64_t>(1, std::min<int64_t>((threads + d.B - 1) / d.B, d.R / kMinRaysPerChunk));
+  const tile::FlatPyramid fp = flat_layout(in.levels);
   const int64_t P = fp.P;  // one batch element of the pyramid
   const int64_t nW = d.Hd * d.C + d.Hd + d.O * d.Hd + d.O;
-  at::Tensor gplanes = at::zeros({d.B, per_batch, P}, depths.options().dtype(acc));
-  at::Tensor gdec = at::zeros({d.B * per_batch, nW}, depths.options().dtype(at::kDouble));
-  if (d.B * d.R > 0) {
-    const at::Tensor flat = flat_channels_last(levels, fp);
-    const at::Tensor ro = rays_o.contiguous(), rd = rays_d.contiguous(), dz = depths.contiguous();
-    std::optional<at::Tensor> tg, gw;
-    if (target.has_value()) tg = target->contiguous();
-    if (grad_weights.has_value()) gw = grad_weights->contiguous();
-    const at::Tensor g_rgb = grad_rgb.contiguous(), g_depth = grad_depth.contiguous(),
-                     g_op = grad_opacity.contiguous(), s_rgb = out_rgb.contiguous(), s_depth = out_depth.contiguous(),
-                     s_op = out_opacity.contiguous();
-    AT_DISPATCH_FLOATING_TYPES(depths.scalar_type(), "render_bwd_cpu", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      const Decoder dec = decoder_in(w1, b1, w2, b2, c10::CppTypeToScalarType<acc_t>::value);
-      Chunks<scalar_t> k{};
-      Args<scalar_t>& c = k.w.a;
-      c = make_args<scalar_t>(d, flat, fp, ro, rd, dz, tg, dec, scale, plane_axes,
-                              params<acc_t>(s1, s2, c_min, c_max, density_bias, eps, white_bg));
-      k.w.fp = fp;
-      k.w.planes = flat.data_ptr<scalar_t>();
-      const std::vector<int64_t> order = ray_order(c, d.B);
-      k.w.order = order.data();
-      c.g_rgb = g_rgb.data_ptr<scalar_t>();
-      c.g_depth = g_depth.data_ptr<scalar_t>();
-      c.g_op = g_op.data_ptr<scalar_t>();
-      c.g_w = gw.has_value() ? gw->data_ptr<scalar_t>() : nullptr;
-      c.s_rgb = s_rgb.data_ptr<scalar_t>();
-      c.s_depth = s_depth.data_ptr<scalar_t>();
-      c.s_op = s_op.data_ptr<scalar_t>();
-      k.per_batch = per_batch;
-      k.nW = nW;
-      k.gplanes = gplanes.data_ptr<acc_t>();
-      k.gdec = gdec.data_ptr<double>();
-      at::parallel_for(0, d.B * per_batch, 1, [&](int64_t begin, int64_t end) { bwd_chunks_any(k, begin, end); });
-    });
-  }
-  if (d.B * d.R == 0) {  // nothing was accumulated (and the buffers may have no room for a level)
-    std::vector<at::Tensor> zeros;
-    for (const at::Tensor& t : levels) zeros.push_back(at::zeros_like(t));
-    for (const at::Tensor* t : {&w1, &b1, &w2, &b2}) zeros.push_back(at::zeros_like(*t));
-    return zeros;
-  }
+  at::Tensor gplanes = at::zeros({d.B, per_batch, P}, in.depths.options().dtype(acc));
+  at::Tensor gdec = at::zeros({d.B * per_batch, nW}, in.depths.options().dtype(at::kDouble));
+  const at::Tensor flat = flat_channels_last(in.levels, fp);
+  AT_DISPATCH_FLOATING_TYPES(in.depths.scalar_type(), "render_bwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const Decoder dec = decoder_in(in.w1, in.b1, in.w2, in.b2, c10::CppTypeToScalarType<acc_t>::value);
+    Chunks<scalar_t> k{};
+    Args<scalar_t>& c = k.w.a;
+    c = make_args<scalar_t>(d, flat, fp, in, dec, p, true);
+    k.w.fp = fp;
+    k.w.planes = flat.data_ptr<scalar_t>();
+    const std::vector<int64_t> order = ray_order(c, d.B);
+    k.w.order = order.data();
+    set_output_grads(c, g, saved);
+    k.per_batch = per_batch;
+    k.nW = nW;
+    k.gplanes = gplanes.data_ptr<acc_t>();
+    k.gdec = gdec.data_ptr<double>();
+    at::parallel_for(0, d.B * per_batch, 1, [&](int64_t begin, int64_t end) { bwd_chunks_any(k, begin, end); });
+  });
   const at::Tensor gsum = per_batch == 1 ? gplanes.select(1, 0) : gplanes.sum(1);  // [B, P], fixed order
-  std::vector<at::Tensor> out;
   int64_t off = 0;
-  for (const at::Tensor& lv : levels) {
-    const int64_t H = lv.size(3), W = lv.size(4), n = 3 * H * W * d.C;
-    at::Tensor g = at::empty(lv.sizes(), lv.options());
-    g.copy_(gsum.narrow(1, off, n).view({d.B, 3, H, W, d.C}).permute({0, 1, 4, 2, 3}));
-    out.push_back(g);
+  for (at::Tensor& g_level : grads.levels) {
+    const int64_t H = g_level.size(3), W = g_level.size(4), n = 3 * H * W * d.C;
+    g_level.copy_(gsum.narrow(1, off, n).view({d.B, 3, H, W, d.C}).permute({0, 1, 4, 2, 3}));
     off += n;
   }
-  const at::Tensor gd = gdec.sum(0).to(depths.scalar_type());
+  const at::Tensor gd = gdec.sum(0).to(in.depths.scalar_type());
   int64_t o = 0;
-  auto take = [&](at::IntArrayRef shape, int64_t n) {
-    at::Tensor t = gd.narrow(0, o, n).view(shape).clone();
-    o += n;
-    return t;
-  };
-  out.push_back(take({d.Hd, d.C}, d.Hd * d.C));
-  out.push_back(take({d.Hd}, d.Hd));
-  out.push_back(take({d.O, d.Hd}, d.O * d.Hd));
-  out.push_back(take({d.O}, d.O));
-  return out;
+  for (at::Tensor* t : {&grads.w1, &grads.b1, &grads.w2, &grads.b2}) {  // gdec's layout: w1, b1, w2, b2
+    t->copy_(gd.narrow(0, o, t->numel()).view(t->sizes()));
+    o += t->numel();
+  }
 }
 
 }  // namespace render
 }  // namespace g3dr
-
-TORCH_LIBRARY_FRAGMENT(g3dr_C, m) {
-  m.def(
-      "render_fwd(Tensor[] levels, Tensor rays_o, Tensor rays_d, Tensor depths, Tensor w1, Tensor b1, Tensor w2, "
-      "Tensor b2, Tensor? target, float scale, int plane_axes, float s1, float s2, float c_min, float c_max, "
-      "float density_bias, float eps, bool white_bg, bool need_weights) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def(
-      "render_bwd(Tensor grad_rgb, Tensor grad_depth, Tensor grad_opacity, Tensor? grad_weights, Tensor[] levels, "
-      "Tensor rays_o, Tensor rays_d, Tensor depths, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor? target, "
-      "Tensor out_rgb, Tensor out_depth, Tensor out_opacity, float scale, int plane_axes, float s1, float s2, "
-      "float c_min, float c_max, float density_bias, float eps, bool white_bg) -> Tensor[]");
-}
-
-TORCH_LIBRARY_IMPL(g3dr_C, CPU, m) {
-  m.impl("render_fwd", &g3dr::render::render_fwd_cpu);
-  m.impl("render_bwd", &g3dr::render::render_bwd_cpu);
-}

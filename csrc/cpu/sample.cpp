@@ -1,4 +1,5 @@
-// Fused multi-resolution triplane sampling: schemas, input checks and the CPU kernels.
+// Fused multi-resolution triplane sampling: the CPU kernels (the op boundary, with the schemas, input
+// checks and outputs, is csrc/ops/sample.cpp).
 //
 // Contract (g3dr_kernels/ops/sample.py):
 //   sample_fwd(levels: [B,3,C,H_l,W_l] per level, xyz [B,N,3], scale = 2 / box_warp, plane_axes)
@@ -22,54 +23,15 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <string>
 #include <vector>
 
 #include "g3dr/sample_math.h"
+#include "g3dr/sample_op.h"
 
 namespace g3dr {
-
-// ---------------------------------------------------------------------------------------------
-// Input checks at the op boundary (shared with csrc/cuda/sample.cu, which declares them).
-// ---------------------------------------------------------------------------------------------
-
-void check_sample_inputs(const char* op, at::TensorList levels, const at::Tensor& xyz, double scale,
-                         int64_t plane_axes) {
-  TORCH_CHECK(!levels.empty(), op, ": levels must be a non-empty list of [B,3,C,H,W] tensors");
-  const at::Tensor& l0 = levels[0];
-  TORCH_CHECK(l0.dim() == 5 && l0.size(1) == 3, op, ": levels[0] must be [B,3,C,H,W], got ", l0.sizes());
-  for (size_t i = 0; i < levels.size(); ++i) {
-    const at::Tensor& lv = levels[i];
-    TORCH_CHECK(lv.dim() == 5 && lv.size(0) == l0.size(0) && lv.size(1) == 3 && lv.size(2) == l0.size(2), op,
-                ": every level must be [B,3,C,H,W] with the B and C of levels[0] ", l0.sizes(), "; levels[", i,
-                "] is ", lv.sizes());
-    TORCH_CHECK(lv.size(3) >= 1 && lv.size(4) >= 1, op, ": levels[", i, "] has an empty plane: ", lv.sizes());
-    TORCH_CHECK(lv.scalar_type() == l0.scalar_type() && lv.device() == l0.device(), op, ": levels[", i, "] is ",
-                lv.scalar_type(), " on ", lv.device(), " but levels[0] is ", l0.scalar_type(), " on ", l0.device());
-  }
-  TORCH_CHECK(at::isFloatingType(l0.scalar_type()), op, ": planes must be floating point, got ", l0.scalar_type());
-  TORCH_CHECK(xyz.dim() == 3 && xyz.size(2) == 3 && xyz.size(0) == l0.size(0), op,
-              ": xyz must be [B,N,3] with B of the planes ", l0.sizes(), ", got ", xyz.sizes());
-  TORCH_CHECK(xyz.device() == l0.device(), op, ": xyz is on ", xyz.device(), " but the planes are on ", l0.device());
-  const bool half = l0.scalar_type() == at::kHalf || l0.scalar_type() == at::kBFloat16;
-  TORCH_CHECK(xyz.scalar_type() == l0.scalar_type() || (half && xyz.scalar_type() == at::kFloat), op,
-              ": xyz has dtype ", xyz.scalar_type(), " but the planes have ", l0.scalar_type(),
-              " (only float16/bfloat16 planes may take float32 points)");
-  TORCH_CHECK(plane_axes == 0 || plane_axes == 1, op, ": plane_axes must be 0 (eg3d) or 1 (xyz), got ", plane_axes);
-  TORCH_CHECK(std::isfinite(scale) && scale > 0, op, ": scale (2 / box_warp) must be finite and > 0, got ", scale);
-}
-
-void check_sample_grad(const char* op, const at::Tensor& grad_out, at::TensorList levels, const at::Tensor& xyz) {
-  TORCH_CHECK(grad_out.dim() == 3 && grad_out.size(0) == xyz.size(0) && grad_out.size(1) == xyz.size(1) &&
-                  grad_out.size(2) == levels[0].size(2),
-              op, ": grad_out must be [B,N,C] = [", xyz.size(0), ", ", xyz.size(1), ", ", levels[0].size(2),
-              "], got ", grad_out.sizes());
-  TORCH_CHECK(grad_out.device() == xyz.device(), op, ": grad_out is on ", grad_out.device(), " but xyz is on ",
-              xyz.device());
-}
 
 namespace {
 
@@ -324,40 +286,47 @@ std::vector<LevelView<acc_t>> grad_views(const std::vector<at::Tensor>& grad) {
   return v;
 }
 
-at::Tensor sample_fwd_cpu(at::TensorList levels, const at::Tensor& xyz_in, double scale, int64_t plane_axes) {
-  check_sample_inputs("g3dr_C::sample_fwd (CPU)", levels, xyz_in, scale, plane_axes);
-  const at::ScalarType dtype = levels[0].scalar_type(), acc = acc_type(dtype);
-  const int64_t B = xyz_in.size(0), N = xyz_in.size(1), C = levels[0].size(2);
-  const at::Tensor xyz = xyz_in.to(acc).contiguous();
-  const std::vector<at::Tensor> cl = channels_last_levels(levels, acc);
-  at::Tensor out = at::empty({B, N, C}, xyz.options());
+}  // namespace
+
+namespace sample {
+
+void fwd_cpu(const Inputs& in, const SampleParams& p, at::Tensor& out) {
+  const at::ScalarType dtype = in.levels[0].scalar_type(), acc = acc_type(dtype);
+  const int64_t B = in.xyz.size(0), N = in.xyz.size(1), C = in.levels[0].size(2);
+  const at::Tensor xyz = in.xyz.to(acc).contiguous();
+  const std::vector<at::Tensor> cl = channels_last_levels(in.levels, acc);
+  // Computed in the accumulation type: straight into `out` when that is the planes' dtype.
+  at::Tensor res = acc == dtype ? out : at::empty({B, N, C}, xyz.options());
   const at::Tensor zeros = at::zeros({C}, xyz.options());
   AT_DISPATCH_FLOATING_TYPES(acc, "sample_fwd_cpu", [&] {
     const auto lv = data_views<scalar_t>(cl);
     const Args<scalar_t> A{lv.data(), static_cast<int64_t>(lv.size()), B, N, C, xyz.data_ptr<scalar_t>(), nullptr,
-                           out.data_ptr<scalar_t>(), zeros.data_ptr<scalar_t>(), static_cast<scalar_t>(scale),
-                           static_cast<int>(plane_axes)};
+                           res.data_ptr<scalar_t>(), zeros.data_ptr<scalar_t>(), static_cast<scalar_t>(p.scale),
+                           static_cast<int>(p.plane_axes)};
     run_pass<scalar_t>(forward_base<scalar_t>, forward_avx2<scalar_t>, A, B * N, kPointGrain);
   });
-  return out.scalar_type() == dtype ? out : out.to(dtype);
+  if (acc != dtype) out.copy_(res);
 }
 
-std::vector<at::Tensor> sample_bwd_cpu(const at::Tensor& grad_in, at::TensorList levels, const at::Tensor& xyz_in,
-                                       double scale, int64_t plane_axes, bool need_xyz_grad) {
-  const char* op = "g3dr_C::sample_bwd (CPU)";
-  check_sample_inputs(op, levels, xyz_in, scale, plane_axes);
-  check_sample_grad(op, grad_in, levels, xyz_in);
+void bwd_cpu(const at::Tensor& grad_in, const Inputs& in, const SampleParams& p, Grads& grads) {
+  const std::vector<at::Tensor>& levels = in.levels;
   const at::ScalarType acc = acc_type(levels[0].scalar_type());
-  const int64_t B = xyz_in.size(0), N = xyz_in.size(1), C = levels[0].size(2);
+  const int64_t B = in.xyz.size(0), N = in.xyz.size(1), C = levels[0].size(2);
   const int64_t L = static_cast<int64_t>(levels.size());
-  const at::Tensor xyz = xyz_in.to(acc).contiguous();
+  const bool need_xyz_grad = grads.xyz.dim() == 3;  // else the boundary left an empty tensor
+  const at::Tensor xyz = in.xyz.to(acc).contiguous();
   const at::Tensor grad = grad_in.to(acc).contiguous();
-  std::vector<at::Tensor> gout;  // level gradients [B,3,C,H,W] in the accumulation type
-  for (const auto& lv : levels) gout.push_back(at::empty(lv.sizes(), xyz.options()));
-  at::Tensor gxyz = need_xyz_grad ? at::empty({B, N, 3}, xyz.options()) : at::Tensor();
+  // Gradients in the accumulation type: straight into `grads` where that is the result's dtype.
+  std::vector<at::Tensor> gout;  // [B,3,C,H,W]
+  for (size_t l = 0; l < levels.size(); ++l) {
+    const at::Tensor& g = grads.levels[l];
+    gout.push_back(g.scalar_type() == acc ? g : at::empty(g.sizes(), xyz.options()));
+  }
+  at::Tensor gxyz;
+  if (need_xyz_grad) gxyz = grads.xyz.scalar_type() == acc ? grads.xyz : at::empty({B, N, 3}, xyz.options());
   AT_DISPATCH_FLOATING_TYPES(acc, "sample_bwd_cpu", [&] {
-    const auto s = static_cast<scalar_t>(scale);
-    const auto pa = static_cast<int>(plane_axes);
+    const auto s = static_cast<scalar_t>(p.scale);
+    const auto pa = static_cast<int>(p.plane_axes);
     {
       const auto lv = grad_views<scalar_t>(gout);
       const Args<scalar_t> A{lv.data(), L, B, N, C, xyz.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(), nullptr,
@@ -373,22 +342,11 @@ std::vector<at::Tensor> sample_bwd_cpu(const at::Tensor& grad_in, at::TensorList
       run_pass<scalar_t>(xyz_grad_base<scalar_t>, xyz_grad_avx2<scalar_t>, A, B * N, kPointGrain);
     }
   });
-  std::vector<at::Tensor> result;
-  for (size_t l = 0; l < levels.size(); ++l) result.push_back(gout[l].to(levels[l].scalar_type()));
-  result.push_back(need_xyz_grad ? gxyz.to(xyz_in.scalar_type()) : at::empty({0}, xyz_in.options()));
-  return result;
+  for (size_t l = 0; l < levels.size(); ++l) {
+    if (!gout[l].is_same(grads.levels[l])) grads.levels[l].copy_(gout[l]);
+  }
+  if (need_xyz_grad && !gxyz.is_same(grads.xyz)) grads.xyz.copy_(gxyz);
 }
 
-}  // namespace
+}  // namespace sample
 }  // namespace g3dr
-
-TORCH_LIBRARY_FRAGMENT(g3dr_C, m) {
-  m.def("sample_fwd(Tensor[] levels, Tensor xyz, float scale, int plane_axes) -> Tensor");
-  m.def("sample_bwd(Tensor grad_out, Tensor[] levels, Tensor xyz, float scale, int plane_axes, bool need_xyz_grad)"
-        " -> Tensor[]");
-}
-
-TORCH_LIBRARY_IMPL(g3dr_C, CPU, m) {
-  m.impl("sample_fwd", &g3dr::sample_fwd_cpu);
-  m.impl("sample_bwd", &g3dr::sample_bwd_cpu);
-}

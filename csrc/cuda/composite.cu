@@ -1,6 +1,7 @@
 // Volume compositing with depth-kernel gradient scaling: CUDA kernels, one thread per ray.
 // The per-ray math is g3dr::composite::ray_forward / ray_backward (csrc/include/g3dr/composite_math.h),
-// the same code the CPU kernels run; schemas and argument checks live in csrc/cpu/composite.cpp.
+// the same code the CPU kernels run; schemas, argument checks and outputs are the op boundary's
+// (csrc/ops/composite.cpp).
 // float32/float64, and float16/bfloat16 with float32 accumulation. Contract: g3dr_kernels/ops/composite.py.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -8,23 +9,15 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
 
 #include <optional>
-#include <tuple>
 #include <type_traits>
 
 #include "g3dr/composite_math.h"
+#include "g3dr/composite_op.h"
 
 namespace g3dr {
 namespace composite {
-
-// Defined in csrc/cpu/composite.cpp.
-void check_fwd_args(const at::Tensor& sigma, const at::Tensor& rgb, const at::Tensor& depths,
-                    const std::optional<at::Tensor>& target, double s2, double c_min, double c_max);
-void check_bwd_args(const at::Tensor& grad_rgb, const at::Tensor& grad_depth, const at::Tensor& grad_opacity,
-                    const std::optional<at::Tensor>& grad_weights, const at::Tensor& sigma, const at::Tensor& rgb,
-                    const at::Tensor& out_rgb, const at::Tensor& out_depth, const at::Tensor& out_opacity);
 
 namespace {
 
@@ -65,88 +58,55 @@ __global__ void __launch_bounds__(kThreads)
                                 static_cast<acc_t>(out_opacity[r]), S, D, prm, grad_sigma + r * S, grad_rgb + r * S * D);
 }
 
-template <typename T>
-Params<T> make_params(double s1, double s2, double c_min, double c_max, double density_bias, double eps,
-                      bool white_bg) {
-  return Params<T>{T(s1), T(s2), T(c_min), T(c_max), T(density_bias), T(eps), white_bg};
-}
-
 void check_cuda(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.is_cuda(), "composite (cuda): ", name, " must be a CUDA tensor, got ", t.device());
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> composite_fwd_cuda(
-    const at::Tensor& sigma_in, const at::Tensor& rgb_in, const at::Tensor& depths_in,
-    const std::optional<at::Tensor>& target, double s1, double s2, double c_min, double c_max, double density_bias,
-    double eps, bool white_bg, bool need_weights) {
-  check_fwd_args(sigma_in, rgb_in, depths_in, target, s2, c_min, c_max);
-  check_cuda(sigma_in, "sigma");
-  const c10::cuda::CUDAGuard guard(sigma_in.device());
-  const at::Tensor sigma = sigma_in.contiguous(), rgb = rgb_in.contiguous(), depths = depths_in.contiguous();
-  const int64_t B = sigma.size(0), R = sigma.size(1), S = sigma.size(2), D = rgb.size(3), n = B * R;
-  at::Tensor out_rgb = at::empty({B, R, D}, rgb.options());
-  at::Tensor out_depth = at::empty({B, R}, sigma.options());
-  at::Tensor out_opacity = at::empty({B, R}, sigma.options());
-  at::Tensor weights = need_weights ? at::empty({B, R, S - 1}, sigma.options()) : at::empty({0}, sigma.options());
-  if (n == 0) return {out_rgb, out_depth, out_opacity, weights};
+}  // namespace
+
+void fwd_cuda(const Inputs& in, const CompositeParams& p, Outputs& out) {
+  check_cuda(in.sigma, "sigma");
+  const c10::cuda::CUDAGuard guard(in.sigma.device());
+  const int64_t B = in.sigma.size(0), R = in.sigma.size(1), S = in.sigma.size(2), D = in.rgb.size(3), n = B * R;
+  if (n == 0) return;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, sigma.scalar_type(), "composite_fwd_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.sigma.scalar_type(), "composite_fwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto prm = make_params<acc_t>(s1, s2, c_min, c_max, density_bias, eps, white_bg);
-    scalar_t* w = need_weights ? weights.mutable_data_ptr<scalar_t>() : nullptr;
-    const scalar_t* sg = sigma.const_data_ptr<scalar_t>();
-    const scalar_t* c = rgb.const_data_ptr<scalar_t>();
-    const scalar_t* t = depths.const_data_ptr<scalar_t>();
+    const auto prm = cast<Params<acc_t>>(p);
+    scalar_t* w = out.weights.dim() == 3 ? out.weights.mutable_data_ptr<scalar_t>() : nullptr;  // else not asked for
+    const scalar_t* sg = in.sigma.const_data_ptr<scalar_t>();
+    const scalar_t* c = in.rgb.const_data_ptr<scalar_t>();
+    const scalar_t* t = in.depths.const_data_ptr<scalar_t>();
     if (D <= 4) {
       composite_fwd_kernel<scalar_t, acc_t, 4><<<blocks_for(n), kThreads, 0, stream>>>(
-          sg, c, t, n, S, D, prm, out_rgb.mutable_data_ptr<scalar_t>(),
-          out_depth.mutable_data_ptr<scalar_t>(), out_opacity.mutable_data_ptr<scalar_t>(), w);
+          sg, c, t, n, S, D, prm, out.rgb.mutable_data_ptr<scalar_t>(), out.depth.mutable_data_ptr<scalar_t>(),
+          out.opacity.mutable_data_ptr<scalar_t>(), w);
     } else {
       composite_fwd_kernel<scalar_t, acc_t, 8><<<blocks_for(n), kThreads, 0, stream>>>(
-          sg, c, t, n, S, D, prm, out_rgb.mutable_data_ptr<scalar_t>(),
-          out_depth.mutable_data_ptr<scalar_t>(), out_opacity.mutable_data_ptr<scalar_t>(), w);
+          sg, c, t, n, S, D, prm, out.rgb.mutable_data_ptr<scalar_t>(), out.depth.mutable_data_ptr<scalar_t>(),
+          out.opacity.mutable_data_ptr<scalar_t>(), w);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {out_rgb, out_depth, out_opacity, weights};
 }
 
-std::tuple<at::Tensor, at::Tensor> composite_bwd_cuda(
-    const at::Tensor& grad_rgb_in, const at::Tensor& grad_depth_in, const at::Tensor& grad_opacity_in,
-    const std::optional<at::Tensor>& grad_weights_in, const at::Tensor& sigma_in, const at::Tensor& rgb_in,
-    const at::Tensor& depths_in, const std::optional<at::Tensor>& target_in, const at::Tensor& out_rgb_in,
-    const at::Tensor& out_depth_in, const at::Tensor& out_opacity_in, double s1, double s2, double c_min, double c_max,
-    double density_bias, double eps, bool white_bg) {
-  check_fwd_args(sigma_in, rgb_in, depths_in, target_in, s2, c_min, c_max);
-  check_bwd_args(grad_rgb_in, grad_depth_in, grad_opacity_in, grad_weights_in, sigma_in, rgb_in, out_rgb_in,
-                 out_depth_in, out_opacity_in);
-  check_cuda(sigma_in, "sigma");
-  const c10::cuda::CUDAGuard guard(sigma_in.device());
-  const at::Tensor sigma = sigma_in.contiguous(), rgb = rgb_in.contiguous(), depths = depths_in.contiguous();
-  const at::Tensor g_rgb = grad_rgb_in.contiguous(), g_depth = grad_depth_in.contiguous(),
-                   g_op = grad_opacity_in.contiguous();
-  const at::Tensor o_rgb = out_rgb_in.contiguous(), o_depth = out_depth_in.contiguous(),
-                   o_op = out_opacity_in.contiguous();
-  const std::optional<at::Tensor> g_w =
-      grad_weights_in.has_value() ? std::optional<at::Tensor>(grad_weights_in->contiguous()) : std::nullopt;
-  const std::optional<at::Tensor> target =
-      target_in.has_value() ? std::optional<at::Tensor>(target_in->contiguous()) : std::nullopt;
-  at::Tensor grad_sigma = at::empty_like(sigma);
-  at::Tensor grad_rgb = at::empty_like(rgb);
-  const int64_t n = sigma.size(0) * sigma.size(1), S = sigma.size(2), D = rgb.size(3);
-  if (n == 0) return {grad_sigma, grad_rgb};
+void bwd_cuda(const Inputs& in, const OutputGrads& g, const Outputs& saved, const CompositeParams& p, Grads& grads) {
+  check_cuda(in.sigma, "sigma");
+  const c10::cuda::CUDAGuard guard(in.sigma.device());
+  const int64_t n = in.sigma.size(0) * in.sigma.size(1), S = in.sigma.size(2), D = in.rgb.size(3);
+  if (n == 0) return;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, sigma.scalar_type(), "composite_bwd_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.sigma.scalar_type(), "composite_bwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto prm = make_params<acc_t>(s1, s2, c_min, c_max, density_bias, eps, white_bg);
+    const auto prm = cast<Params<acc_t>>(p);
     auto launch = [&](auto dc) {  // D = 3 (RGB) compiled with its channel loops unrolled
       composite_bwd_kernel<scalar_t, acc_t, decltype(dc)::value><<<blocks_for(n), kThreads, 0, stream>>>(
-          g_rgb.const_data_ptr<scalar_t>(), g_depth.const_data_ptr<scalar_t>(), g_op.const_data_ptr<scalar_t>(),
-          g_w.has_value() ? g_w->const_data_ptr<scalar_t>() : nullptr, sigma.const_data_ptr<scalar_t>(),
-          rgb.const_data_ptr<scalar_t>(), depths.const_data_ptr<scalar_t>(),
-          target.has_value() ? target->const_data_ptr<scalar_t>() : nullptr, o_rgb.const_data_ptr<scalar_t>(),
-          o_depth.const_data_ptr<scalar_t>(), o_op.const_data_ptr<scalar_t>(), n, S, D, prm,
-          grad_sigma.mutable_data_ptr<scalar_t>(), grad_rgb.mutable_data_ptr<scalar_t>());
+          g.rgb.const_data_ptr<scalar_t>(), g.depth.const_data_ptr<scalar_t>(), g.opacity.const_data_ptr<scalar_t>(),
+          g.weights.has_value() ? g.weights->const_data_ptr<scalar_t>() : nullptr, in.sigma.const_data_ptr<scalar_t>(),
+          in.rgb.const_data_ptr<scalar_t>(), in.depths.const_data_ptr<scalar_t>(),
+          in.target.has_value() ? in.target->const_data_ptr<scalar_t>() : nullptr, saved.rgb.const_data_ptr<scalar_t>(),
+          saved.depth.const_data_ptr<scalar_t>(), saved.opacity.const_data_ptr<scalar_t>(), n, S, D, prm,
+          grads.sigma.mutable_data_ptr<scalar_t>(), grads.rgb.mutable_data_ptr<scalar_t>());
     };
     if (D == 3) {
       launch(std::integral_constant<int, 3>{});
@@ -155,14 +115,7 @@ std::tuple<at::Tensor, at::Tensor> composite_bwd_cuda(
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {grad_sigma, grad_rgb};
 }
 
-}  // namespace
 }  // namespace composite
 }  // namespace g3dr
-
-TORCH_LIBRARY_IMPL(g3dr_C, CUDA, m) {
-  m.impl("composite_fwd", &g3dr::composite::composite_fwd_cuda);
-  m.impl("composite_bwd", &g3dr::composite::composite_bwd_cuda);
-}

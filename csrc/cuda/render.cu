@@ -1,7 +1,7 @@
 // Fully fused renderer: CUDA kernels, one thread per ray (a first version). The per-ray loops are the
 // ones the CPU kernel runs (g3dr::render::ray_forward_fused / ray_backward_scan in
-// csrc/include/g3dr/render_math.h, so the CPU tests cover their math); schemas and argument checks
-// live in csrc/cpu/render.cpp. Contract: g3dr_kernels/ops/render.py.
+// csrc/include/g3dr/render_math.h, so the CPU tests cover their math); schemas, argument checks and
+// outputs are the op boundary's (csrc/ops/render.cpp). Contract: g3dr_kernels/ops/render.py.
 //
 //   forward:  each thread streams its ray's samples with the decoder state in local memory and writes
 //             the ray's outputs (no per-sample tensor).
@@ -19,27 +19,16 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <optional>
-#include <tuple>
 #include <vector>
 
 #include "g3dr/render_math.h"
+#include "g3dr/render_op.h"
 
 namespace g3dr {
 namespace render {
-
-// Defined in csrc/cpu/render.cpp (the op-boundary checks both backends share).
-Dims check_fwd_args(at::TensorList levels, const at::Tensor& rays_o, const at::Tensor& rays_d,
-                    const at::Tensor& depths, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
-                    const at::Tensor& b2, const std::optional<at::Tensor>& target, double scale,
-                    int64_t plane_axes, double s2, double c_min, double c_max);
-void check_bwd_args(const Dims& d, const at::Tensor& grad_rgb, const at::Tensor& grad_depth,
-                    const at::Tensor& grad_opacity, const std::optional<at::Tensor>& grad_weights,
-                    const at::Tensor& out_rgb, const at::Tensor& out_depth, const at::Tensor& out_opacity,
-                    const at::Tensor& ref);
 
 namespace {
 
@@ -151,18 +140,9 @@ std::vector<at::Tensor> channels_last(at::TensorList levels) {
 }
 
 template <typename scalar_t, typename acc_t>
-RenderArgs<scalar_t, acc_t> make_args(const Dims& d, const std::vector<at::Tensor>& cl, const at::Tensor& ro,
-                                      const at::Tensor& rd, const at::Tensor& dz, const at::Tensor* target,
-                                      const std::vector<at::Tensor>& dec, double scale, int64_t plane_axes, double s1,
-                                      double s2, double c_min, double c_max, double density_bias, double eps,
-                                      bool white_bg) {
-  RenderArgs<scalar_t, acc_t> c{};
-  c.R = d.R;
-  c.S = d.S;
-  c.C = d.C;
-  c.Hd = d.Hd;
-  c.O = d.O;
-  c.D = d.O - 1;
+RenderArgs<scalar_t, acc_t> make_args(const Dims& d, const std::vector<at::Tensor>& cl, const Inputs& in,
+                                      bool with_target, const std::vector<at::Tensor>& dec, const RenderParams& p) {
+  RenderArgs<scalar_t, acc_t> c = args_for<scalar_t, acc_t>(d, p);
   c.pv.levels = static_cast<int>(cl.size());
   c.pv.C = static_cast<int>(d.C);
   for (size_t l = 0; l < cl.size(); ++l) {
@@ -171,19 +151,15 @@ RenderArgs<scalar_t, acc_t> make_args(const Dims& d, const std::vector<at::Tenso
     c.pv.W[l] = static_cast<int>(cl[l].size(3));
     c.pv.batch_stride[l] = cl[l].stride(0);
   }
-  c.ro = ro.const_data_ptr<scalar_t>();
-  c.rd = rd.const_data_ptr<scalar_t>();
-  c.dz = dz.const_data_ptr<scalar_t>();
-  c.target = target != nullptr ? target->const_data_ptr<scalar_t>() : nullptr;
+  c.ro = in.rays_o.const_data_ptr<scalar_t>();
+  c.rd = in.rays_d.const_data_ptr<scalar_t>();
+  c.dz = in.depths.const_data_ptr<scalar_t>();
+  c.target = with_target && in.target.has_value() ? in.target->const_data_ptr<scalar_t>() : nullptr;
   c.w1 = dec[0].const_data_ptr<acc_t>();
   c.w1t = dec[1].const_data_ptr<acc_t>();
   c.b1 = dec[2].const_data_ptr<acc_t>();
   c.w2 = dec[3].const_data_ptr<acc_t>();
   c.b2 = dec[4].const_data_ptr<acc_t>();
-  c.scale = static_cast<acc_t>(scale);
-  c.plane_axes = static_cast<int>(plane_axes);
-  c.prm = composite::Params<acc_t>{acc_t(s1), acc_t(s2), acc_t(c_min), acc_t(c_max), acc_t(density_bias), acc_t(eps),
-                                   white_bg};
   return c;
 }
 
@@ -194,92 +170,53 @@ std::vector<at::Tensor> decoder_in(const at::Tensor& w1, const at::Tensor& b1, c
   return {w1a, w1a.t().contiguous(), b1.to(acc).contiguous(), w2.to(acc).contiguous(), b2.to(acc).contiguous()};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> render_fwd_cuda(
-    at::TensorList levels, const at::Tensor& rays_o, const at::Tensor& rays_d, const at::Tensor& depths,
-    const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
-    const std::optional<at::Tensor>& target, double scale, int64_t plane_axes, double s1, double s2, double c_min,
-    double c_max, double density_bias, double eps, bool white_bg, bool need_weights) {
-  const Dims d =
-      check_fwd_args(levels, rays_o, rays_d, depths, w1, b1, w2, b2, target, scale, plane_axes, s2, c_min, c_max);
-  check_cuda_sizes(d, depths);
-  const c10::cuda::CUDAGuard guard(depths.device());
-  const auto opts = depths.options();
-  at::Tensor out_rgb = at::empty({d.B, d.R, d.O - 1}, opts);
-  at::Tensor out_depth = at::empty({d.B, d.R}, opts);
-  at::Tensor out_opacity = at::empty({d.B, d.R}, opts);
-  at::Tensor weights = need_weights ? at::empty({d.B, d.R, d.S - 1}, opts) : at::empty({0}, opts);
+}  // namespace
+
+void fwd_cuda(const Dims& d, const Inputs& in, const RenderParams& p, Outputs& out) {
+  check_cuda_sizes(d, in.depths);
+  const c10::cuda::CUDAGuard guard(in.depths.device());
   const int64_t n = d.B * d.R;
-  if (n == 0) return {out_rgb, out_depth, out_opacity, weights};
-  const std::vector<at::Tensor> cl = channels_last(levels);
-  const at::Tensor ro = rays_o.contiguous(), rd = rays_d.contiguous(), dz = depths.contiguous();
+  if (n == 0) return;
+  const std::vector<at::Tensor> cl = channels_last(in.levels);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, depths.scalar_type(), "render_fwd_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.depths.scalar_type(), "render_fwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const std::vector<at::Tensor> dec = decoder_in(w1, b1, w2, b2, c10::CppTypeToScalarType<acc_t>::value);
-    RenderArgs<scalar_t, acc_t> c = make_args<scalar_t, acc_t>(d, cl, ro, rd, dz, nullptr, dec, scale, plane_axes, s1,
-                                                               s2, c_min, c_max, density_bias, eps, white_bg);
-    c.out_rgb = out_rgb.mutable_data_ptr<scalar_t>();
-    c.out_depth = out_depth.mutable_data_ptr<scalar_t>();
-    c.out_opacity = out_opacity.mutable_data_ptr<scalar_t>();
-    c.out_w = need_weights ? weights.mutable_data_ptr<scalar_t>() : nullptr;
+    const std::vector<at::Tensor> dec = decoder_in(in.w1, in.b1, in.w2, in.b2, c10::CppTypeToScalarType<acc_t>::value);
+    // The forward ignores the target: it only scales gradients.
+    RenderArgs<scalar_t, acc_t> c = make_args<scalar_t, acc_t>(d, cl, in, false, dec, p);
+    set_outputs(c, out);
     with_sizes<scalar_t, acc_t>(d, [&](auto kc, auto khd, auto ko) {
       render_fwd_kernel<scalar_t, acc_t, decltype(kc)::value, decltype(khd)::value, decltype(ko)::value>
           <<<blocks_for(n), kThreads, 0, stream>>>(c, n);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
-  return {out_rgb, out_depth, out_opacity, weights};
 }
 
-std::vector<at::Tensor> render_bwd_cuda(const at::Tensor& grad_rgb, const at::Tensor& grad_depth,
-                                        const at::Tensor& grad_opacity, const std::optional<at::Tensor>& grad_weights,
-                                        at::TensorList levels, const at::Tensor& rays_o, const at::Tensor& rays_d,
-                                        const at::Tensor& depths, const at::Tensor& w1, const at::Tensor& b1,
-                                        const at::Tensor& w2, const at::Tensor& b2,
-                                        const std::optional<at::Tensor>& target, const at::Tensor& out_rgb,
-                                        const at::Tensor& out_depth, const at::Tensor& out_opacity, double scale,
-                                        int64_t plane_axes, double s1, double s2, double c_min, double c_max,
-                                        double density_bias, double eps, bool white_bg) {
-  const Dims d =
-      check_fwd_args(levels, rays_o, rays_d, depths, w1, b1, w2, b2, target, scale, plane_axes, s2, c_min, c_max);
-  check_bwd_args(d, grad_rgb, grad_depth, grad_opacity, grad_weights, out_rgb, out_depth, out_opacity, depths);
-  check_cuda_sizes(d, depths);
-  const c10::cuda::CUDAGuard guard(depths.device());
-  const at::ScalarType acc = at::toOpMathType(depths.scalar_type());
-  const auto acc_opts = depths.options().dtype(acc);
+void bwd_cuda(const Dims& d, const Inputs& in, const OutputGrads& g, const Outputs& saved, const RenderParams& p,
+              Grads& grads) {
+  check_cuda_sizes(d, in.depths);
+  const c10::cuda::CUDAGuard guard(in.depths.device());
+  const at::ScalarType acc = at::toOpMathType(in.depths.scalar_type());
+  const auto acc_opts = in.depths.options().dtype(acc);
   const int64_t n = d.B * d.R;
   // Channels-last plane-gradient buffers (one per level) and the decoder gradients, in acc type.
   std::vector<at::Tensor> gcl;
-  for (const at::Tensor& lv : levels) gcl.push_back(at::zeros({d.B, 3, lv.size(3), lv.size(4), d.C}, acc_opts));
+  for (const at::Tensor& lv : in.levels) gcl.push_back(at::zeros({d.B, 3, lv.size(3), lv.size(4), d.C}, acc_opts));
   at::Tensor gw1 = at::zeros({d.Hd, d.C}, acc_opts), gb1 = at::zeros({d.Hd}, acc_opts);
   at::Tensor gw2 = at::zeros({d.O, d.Hd}, acc_opts), gb2 = at::zeros({d.O}, acc_opts);
   if (n > 0) {
-    const std::vector<at::Tensor> cl = channels_last(levels);
-    const at::Tensor ro = rays_o.contiguous(), rd = rays_d.contiguous(), dz = depths.contiguous();
-    std::optional<at::Tensor> tg, gw;
-    if (target.has_value()) tg = target->contiguous();
-    if (grad_weights.has_value()) gw = grad_weights->contiguous();
-    const at::Tensor g_rgb = grad_rgb.contiguous(), g_depth = grad_depth.contiguous(),
-                     g_op = grad_opacity.contiguous(), s_rgb = out_rgb.contiguous(), s_depth = out_depth.contiguous(),
-                     s_op = out_opacity.contiguous();
+    const std::vector<at::Tensor> cl = channels_last(in.levels);
     const int64_t rowlen = d.C + 2 * d.Hd + d.O;
     const int64_t tile = std::max<int64_t>(
         1, std::min<int64_t>(n, kRowsBudget / (d.S * rowlen * static_cast<int64_t>(c10::elementSize(acc)))));
     at::Tensor rows = at::empty({tile * d.S, rowlen}, acc_opts);
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, depths.scalar_type(), "render_bwd_cuda", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.depths.scalar_type(), "render_bwd_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      const std::vector<at::Tensor> dec = decoder_in(w1, b1, w2, b2, acc);
-      RenderArgs<scalar_t, acc_t> c = make_args<scalar_t, acc_t>(d, cl, ro, rd, dz, tg ? &*tg : nullptr, dec, scale,
-                                                                 plane_axes, s1, s2, c_min, c_max, density_bias, eps,
-                                                                 white_bg);
-      c.g_rgb = g_rgb.const_data_ptr<scalar_t>();
-      c.g_depth = g_depth.const_data_ptr<scalar_t>();
-      c.g_op = g_op.const_data_ptr<scalar_t>();
-      c.g_w = gw ? gw->const_data_ptr<scalar_t>() : nullptr;
-      c.s_rgb = s_rgb.const_data_ptr<scalar_t>();
-      c.s_depth = s_depth.const_data_ptr<scalar_t>();
-      c.s_op = s_op.const_data_ptr<scalar_t>();
+      const std::vector<at::Tensor> dec = decoder_in(in.w1, in.b1, in.w2, in.b2, acc);
+      RenderArgs<scalar_t, acc_t> c = make_args<scalar_t, acc_t>(d, cl, in, true, dec, p);
+      set_output_grads(c, g, saved);
       PyramidView<acc_t> gv{};
       gv.levels = static_cast<int>(gcl.size());
       gv.C = static_cast<int>(d.C);
@@ -307,22 +244,12 @@ std::vector<at::Tensor> render_bwd_cuda(const at::Tensor& grad_rgb, const at::Te
       }
     });
   }
-  std::vector<at::Tensor> out;
-  for (size_t l = 0; l < gcl.size(); ++l) {
-    at::Tensor g = at::empty(levels[l].sizes(), levels[l].options());
-    g.copy_(gcl[l].permute({0, 1, 4, 2, 3}));
-    out.push_back(g);
-  }
-  for (const at::Tensor* t : {&gw1, &gb1, &gw2, &gb2}) out.push_back(t->to(depths.scalar_type()));
-  return out;
+  for (size_t l = 0; l < gcl.size(); ++l) grads.levels[l].copy_(gcl[l].permute({0, 1, 4, 2, 3}));
+  grads.w1.copy_(gw1);
+  grads.b1.copy_(gb1);
+  grads.w2.copy_(gw2);
+  grads.b2.copy_(gb2);
 }
-
-}  // namespace
 
 }  // namespace render
 }  // namespace g3dr
-
-TORCH_LIBRARY_IMPL(g3dr_C, CUDA, m) {
-  m.impl("render_fwd", &g3dr::render::render_fwd_cuda);
-  m.impl("render_bwd", &g3dr::render::render_bwd_cuda);
-}

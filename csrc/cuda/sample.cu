@@ -1,5 +1,5 @@
-// Fused multi-resolution triplane sampling: CUDA kernels (schemas and input checks live in
-// csrc/cpu/sample.cpp; the per-point math in g3dr/sample_math.h is the one the CPU kernels run).
+// Fused multi-resolution triplane sampling: CUDA kernels (schemas, input checks and outputs are the op
+// boundary's, csrc/ops/sample.cpp; the per-point math in g3dr/sample_math.h is the one the CPU kernels run).
 //
 // Layout: each level is copied once per call to channels-last [B,3,H,W,C] (in its own dtype), so
 // the lanes that share a point read and write consecutive channels of a corner (coalesced). A point
@@ -17,18 +17,13 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
 #include <vector>
 
 #include "g3dr/sample_math.h"
+#include "g3dr/sample_op.h"
 
 namespace g3dr {
-
-// Defined in csrc/cpu/sample.cpp (the op-boundary checks both backends share).
-void check_sample_inputs(const char* op, at::TensorList levels, const at::Tensor& xyz, double scale,
-                         int64_t plane_axes);
-void check_sample_grad(const char* op, const at::Tensor& grad_out, at::TensorList levels, const at::Tensor& xyz);
 
 namespace {
 
@@ -186,55 +181,64 @@ std::vector<at::Tensor> channels_last_levels(at::TensorList levels) {
   return cl;
 }
 
+// The kernels' view of channels-last levels [B,3,H,W,C]: their data and their gradient buffers, either
+// list empty when the kernel does not read it.
+template <typename scalar_t, typename acc_t>
+Levels<scalar_t, acc_t> levels_view(const std::vector<at::Tensor>& data, const std::vector<at::Tensor>& grad) {
+  const std::vector<at::Tensor>& sized = data.empty() ? grad : data;
+  Levels<scalar_t, acc_t> lv{};
+  lv.L = static_cast<int>(sized.size());
+  for (int l = 0; l < lv.L; ++l) {
+    lv.data[l] = data.empty() ? nullptr : data[l].data_ptr<scalar_t>();
+    lv.grad[l] = grad.empty() ? nullptr : grad[l].data_ptr<acc_t>();
+    lv.H[l] = sized[l].size(2);
+    lv.W[l] = sized[l].size(3);
+  }
+  return lv;
+}
+
 void check_cuda(const char* op, at::TensorList levels, const at::Tensor& xyz) {
   TORCH_CHECK(levels.size() <= static_cast<size_t>(kMaxLevels), op, ": at most ", kMaxLevels,
               " levels are supported on CUDA, got ", levels.size());
   TORCH_CHECK(xyz.is_cuda(), op, ": expected CUDA tensors, xyz is on ", xyz.device());
 }
 
-at::Tensor sample_fwd_cuda(at::TensorList levels, const at::Tensor& xyz_in, double scale, int64_t plane_axes) {
-  const char* op = "g3dr_C::sample_fwd (CUDA)";
-  check_sample_inputs(op, levels, xyz_in, scale, plane_axes);
-  check_cuda(op, levels, xyz_in);
-  const c10::cuda::CUDAGuard guard(xyz_in.device());
+}  // namespace
+
+namespace sample {
+
+void fwd_cuda(const Inputs& in, const SampleParams& p, at::Tensor& out) {
+  const std::vector<at::Tensor>& levels = in.levels;
+  check_cuda("g3dr_C::sample_fwd (CUDA)", levels, in.xyz);
+  const c10::cuda::CUDAGuard guard(in.xyz.device());
   const at::ScalarType dtype = levels[0].scalar_type();
-  const int64_t B = xyz_in.size(0), N = xyz_in.size(1), C = levels[0].size(2);
-  at::Tensor out = at::empty({B, N, C}, levels[0].options());
-  if (out.numel() == 0) return out;
-  const at::Tensor xyz = xyz_in.to(acc_type(dtype)).contiguous();
+  const int64_t B = in.xyz.size(0), N = in.xyz.size(1), C = levels[0].size(2);
+  if (out.numel() == 0) return;
+  const at::Tensor xyz = in.xyz.to(acc_type(dtype)).contiguous();
   const std::vector<at::Tensor> cl = channels_last_levels(levels);
   int tpp, cpt;
   launch_shape(C, tpp, cpt);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "sample_fwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    Levels<scalar_t, acc_t> lv{};
-    lv.L = static_cast<int>(cl.size());
-    for (int l = 0; l < lv.L; ++l) {
-      lv.data[l] = cl[l].data_ptr<scalar_t>();
-      lv.H[l] = cl[l].size(2);
-      lv.W[l] = cl[l].size(3);
-    }
+    const auto lv = levels_view<scalar_t, acc_t>(cl, {});
     dispatch_cpt(cpt, [&](auto k) {
       sample_fwd_kernel<scalar_t, acc_t, decltype(k)::value><<<num_blocks(B * N, tpp), kThreads, 0, stream>>>(
-          lv, xyz.data_ptr<acc_t>(), out.data_ptr<scalar_t>(), B, N, C, static_cast<acc_t>(scale),
-          static_cast<int>(plane_axes), tpp);
+          lv, xyz.data_ptr<acc_t>(), out.data_ptr<scalar_t>(), B, N, C, static_cast<acc_t>(p.scale),
+          static_cast<int>(p.plane_axes), tpp);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
-  return out;
 }
 
-std::vector<at::Tensor> sample_bwd_cuda(const at::Tensor& grad_in, at::TensorList levels, const at::Tensor& xyz_in,
-                                        double scale, int64_t plane_axes, bool need_xyz_grad) {
-  const char* op = "g3dr_C::sample_bwd (CUDA)";
-  check_sample_inputs(op, levels, xyz_in, scale, plane_axes);
-  check_sample_grad(op, grad_in, levels, xyz_in);
-  check_cuda(op, levels, xyz_in);
-  const c10::cuda::CUDAGuard guard(xyz_in.device());
+void bwd_cuda(const at::Tensor& grad_in, const Inputs& in, const SampleParams& p, Grads& grads) {
+  const std::vector<at::Tensor>& levels = in.levels;
+  check_cuda("g3dr_C::sample_bwd (CUDA)", levels, in.xyz);
+  const c10::cuda::CUDAGuard guard(in.xyz.device());
   const at::ScalarType dtype = levels[0].scalar_type(), acc = acc_type(dtype);
-  const int64_t B = xyz_in.size(0), N = xyz_in.size(1), C = levels[0].size(2);
-  const at::Tensor xyz = xyz_in.to(acc).contiguous();
+  const int64_t B = in.xyz.size(0), N = in.xyz.size(1), C = levels[0].size(2);
+  const bool need_xyz_grad = grads.xyz.dim() == 3;  // else the boundary left an empty tensor
+  const at::Tensor xyz = in.xyz.to(acc).contiguous();
   const at::Tensor grad = grad_in.to(dtype).contiguous();
   std::vector<at::Tensor> gcl;  // channels-last gradient buffers [B,3,H,W,C] in the accumulation type
   for (const auto& lv : levels) gcl.push_back(at::zeros({B, 3, lv.size(3), lv.size(4), C}, xyz.options()));
@@ -246,33 +250,18 @@ std::vector<at::Tensor> sample_bwd_cuda(const at::Tensor& grad_in, at::TensorLis
     const auto stream = c10::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "sample_bwd_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      Levels<scalar_t, acc_t> lv{};
-      lv.L = static_cast<int>(gcl.size());
-      for (int l = 0; l < lv.L; ++l) {
-        lv.data[l] = need_xyz_grad ? cl[l].data_ptr<scalar_t>() : nullptr;
-        lv.grad[l] = gcl[l].data_ptr<acc_t>();
-        lv.H[l] = gcl[l].size(2);
-        lv.W[l] = gcl[l].size(3);
-      }
+      const auto lv = levels_view<scalar_t, acc_t>(cl, gcl);  // cl is empty without need_xyz_grad
       dispatch_cpt(cpt, [&](auto k) {
         sample_bwd_kernel<scalar_t, acc_t, decltype(k)::value><<<num_blocks(B * N, tpp), kThreads, 0, stream>>>(
             lv, grad.data_ptr<scalar_t>(), xyz.data_ptr<acc_t>(), need_xyz_grad ? gxyz.data_ptr<acc_t>() : nullptr,
-            B, N, C, static_cast<acc_t>(scale), static_cast<int>(plane_axes), tpp, need_xyz_grad);
+            B, N, C, static_cast<acc_t>(p.scale), static_cast<int>(p.plane_axes), tpp, need_xyz_grad);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
   }
-  std::vector<at::Tensor> result;
-  for (size_t l = 0; l < levels.size(); ++l)
-    result.push_back(at::empty(levels[l].sizes(), levels[l].options()).copy_(gcl[l].permute({0, 1, 4, 2, 3})));
-  result.push_back(need_xyz_grad ? gxyz.to(xyz_in.scalar_type()) : at::empty({0}, xyz_in.options()));
-  return result;
+  for (size_t l = 0; l < levels.size(); ++l) grads.levels[l].copy_(gcl[l].permute({0, 1, 4, 2, 3}));
+  if (need_xyz_grad) grads.xyz.copy_(gxyz);
 }
 
-}  // namespace
+}  // namespace sample
 }  // namespace g3dr
-
-TORCH_LIBRARY_IMPL(g3dr_C, CUDA, m) {
-  m.impl("sample_fwd", &g3dr::sample_fwd_cuda);
-  m.impl("sample_bwd", &g3dr::sample_bwd_cuda);
-}

@@ -37,6 +37,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .._params import CompositeGrads, CompositeParams
+from .._types import Composite
+
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 MAX_D = 64  # widest colour/feature vector (BLOCK_D registers per ray)
 
@@ -278,11 +281,11 @@ def _check(sigma: Tensor, rgb: Tensor, depths: Tensor, target: Optional[Tensor])
     return B, R, S, D
 
 
-def composite_fwd(sigma: Tensor, rgb: Tensor, depths: Tensor, target: Optional[Tensor], s1: float, s2: float,
-                  c_min: float, c_max: float, density_bias: float, eps: float, white_bg: bool,
-                  need_weights: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """-> (rgb [B,R,D], depth [B,R], opacity [B,R], weights [B,R,S-1] or an empty tensor). The target
-    and kernel parameters only matter in the backward pass; they are accepted for the contract."""
+def composite_fwd(sigma: Tensor, rgb: Tensor, depths: Tensor, target: Optional[Tensor], *options) -> Composite:
+    """options: the CompositeParams fields in order (g3dr_kernels/_params.py), then need_weights.
+    -> Composite(rgb [B,R,D], depth [B,R], opacity [B,R], weights [B,R,S-1] or an empty tensor). The
+    target and kernel parameters only matter in the backward pass; they are accepted for the contract."""
+    p, (need_weights,) = CompositeParams.split(options)
     B, R, S, D = _check(sigma, rgb, depths, target)
     sigma, rgb, depths = sigma.contiguous(), rgb.contiguous(), depths.contiguous()
     out_rgb = rgb.new_empty(B, R, D)
@@ -291,24 +294,24 @@ def composite_fwd(sigma: Tensor, rgb: Tensor, depths: Tensor, target: Optional[T
     weights = sigma.new_empty(B, R, S - 1) if need_weights else sigma.new_empty(0)
     n_rays = B * R
     if n_rays == 0:
-        return out_rgb, out_depth, out_opacity, weights
+        return Composite(out_rgb, out_depth, out_opacity, weights)
     block_r, block_d, num_warps = _launch_config(n_rays, D)
     grid = (triton.cdiv(n_rays, block_r),)
     acc = _acc_dtype(sigma.dtype)
     _composite_fwd_kernel[grid](sigma, rgb, depths, out_rgb, out_depth, out_opacity,
                                 weights if need_weights else out_opacity, n_rays, S, D,
-                                *_split(density_bias, acc), *_split(eps, acc), WHITE_BG=bool(white_bg),
+                                *_split(p.density_bias, acc), *_split(p.eps, acc), WHITE_BG=bool(p.white_bg),
                                 NEED_WEIGHTS=bool(need_weights), ACC=acc, BLOCK_R=block_r, BLOCK_D=block_d,
                                 num_warps=num_warps)
-    return out_rgb, out_depth, out_opacity, weights
+    return Composite(out_rgb, out_depth, out_opacity, weights)
 
 
 def composite_bwd(grad_rgb: Tensor, grad_depth: Tensor, grad_opacity: Tensor, grad_weights: Optional[Tensor],
                   sigma: Tensor, rgb: Tensor, depths: Tensor, target: Optional[Tensor], out_rgb: Tensor,
-                  out_depth: Tensor, out_opacity: Tensor, s1: float, s2: float, c_min: float, c_max: float,
-                  density_bias: float, eps: float, white_bg: bool) -> Tuple[Tensor, Tensor]:
-    """-> (grad_sigma [B,R,S], grad_rgb [B,R,S,D]); with a target, interval i's mid-density and mid-colour
-    gradients are multiplied by k(target, t_i)."""
+                  out_depth: Tensor, out_opacity: Tensor, *params) -> CompositeGrads:
+    """params: the CompositeParams fields in order. -> CompositeGrads(sigma [B,R,S], rgb [B,R,S,D]); with a
+    target, interval i's mid-density and mid-colour gradients are multiplied by k(target, t_i)."""
+    p, _ = CompositeParams.split(params)
     B, R, S, D = _check(sigma, rgb, depths, target)
     for name, t, shape in (("grad_rgb", grad_rgb, (B, R, D)), ("grad_depth", grad_depth, (B, R)),
                            ("grad_opacity", grad_opacity, (B, R)), ("out_rgb", out_rgb, (B, R, D)),
@@ -320,7 +323,7 @@ def composite_bwd(grad_rgb: Tensor, grad_depth: Tensor, grad_opacity: Tensor, gr
     grad_rgb_in = torch.empty_like(rgb, memory_format=torch.contiguous_format)
     n_rays = B * R
     if n_rays == 0:
-        return grad_sigma, grad_rgb_in
+        return CompositeGrads(grad_sigma, grad_rgb_in)
     c = [t.contiguous() for t in (grad_rgb, grad_depth, grad_opacity, sigma, rgb, depths, out_rgb, out_depth,
                                   out_opacity)]
     gw = None if grad_weights is None else grad_weights.contiguous()
@@ -330,11 +333,12 @@ def composite_bwd(grad_rgb: Tensor, grad_depth: Tensor, grad_opacity: Tensor, gr
     full_first_pass = sigma.dtype in (torch.float16, torch.bfloat16)
     block_r, block_d, num_warps = _launch_config(n_rays, D)
     grid = (triton.cdiv(n_rays, block_r),)
+    k = p.kernel
+    scalars = (k.s1, k.s2, k.c_min, k.c_max, p.density_bias, p.eps)  # the kernel's order
     _composite_bwd_kernel[grid](c[0], c[1], c[2], gw if gw is not None else c[1], c[3], c[4], c[5],
                                 tgt if tgt is not None else c[1], c[6], c[7], c[8], grad_sigma, grad_rgb_in,
-                                n_rays, S, D, *[v for x in (s1, s2, c_min, c_max, density_bias, eps)
-                                                for v in _split(x, _acc_dtype(sigma.dtype))],
-                                HAS_TARGET=tgt is not None, WHITE_BG=bool(white_bg),
+                                n_rays, S, D, *[v for x in scalars for v in _split(x, _acc_dtype(sigma.dtype))],
+                                HAS_TARGET=tgt is not None, WHITE_BG=bool(p.white_bg),
                                 HAS_GRAD_WEIGHTS=gw is not None, FIRST_PASS_FULL=full_first_pass,
                                 ACC=_acc_dtype(sigma.dtype), BLOCK_R=block_r, BLOCK_D=block_d, num_warps=num_warps)
-    return grad_sigma, grad_rgb_in
+    return CompositeGrads(grad_sigma, grad_rgb_in)

@@ -42,7 +42,6 @@ Reference for the layout (blocks of rays marching samples, tl.dot MLP on ray til
 """
 from __future__ import annotations
 
-import math
 
 from typing import List, Optional, Sequence, Tuple
 
@@ -52,6 +51,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 from triton.runtime.errors import OutOfResources
+
+from .._params import RenderParams
+from .._types import Composite
 
 # Launch heuristics (their one home). None of this was timed: no GPU was available while writing.
 # What was checked is what an sm_90 compile needs per thread (cuobjdump), with the settings below.
@@ -605,13 +607,6 @@ def _sizes(levels: Sequence[Tensor], depths: Tensor, w1: Tensor, w2: Tensor, *ot
     return B, R, S, C, HID, D, CP, HP, DP
 
 
-def _check_scalars(scale: float, plane_axes: int) -> None:
-    if not (math.isfinite(scale) and scale > 0):
-        raise ValueError(f"triton render: scale (2 / box_warp) must be finite and > 0, got {scale!r}")
-    if plane_axes not in (0, 1):
-        raise ValueError(f"triton render: plane_axes must be 0 (eg3d) or 1 (xyz), got {plane_axes!r}")
-
-
 def _split(x: float, cdt: torch.dtype) -> Tuple[float, float]:
     """(hi, lo) float32 parts of x for _scalar: lo carries what float32 drops, for float64 runs."""
     hi = float(np.float32(x))
@@ -666,8 +661,8 @@ def _launch(kernel, grid, device: torch.device, sizes: dict, *args, **constexprs
     kernel[grid](*args, HOIST_W=False, **kw)
 
 
-def _launch_fwd(kplanes, cl, rays_o, rays_d, depths, w1, b1, w2, b2, sizes, cdt, scale, plane_axes, density_bias,
-                eps, white_bg, outs, weights, gw, gsum):
+def _launch_fwd(kplanes, cl, rays_o, rays_d, depths, w1, b1, w2, b2, sizes, cdt, p: RenderParams, outs, weights, gw,
+                gsum):
     B, R, S, C, HID, D, CP, HP, DP = sizes
     n = B * R
     planes, hs, ws = kplanes
@@ -678,19 +673,19 @@ def _launch_fwd(kplanes, cl, rays_o, rays_d, depths, w1, b1, w2, b2, sizes, cdt,
         planes, hs, ws, rays_o, rays_d, depths, w1, b1, w2, b2, dummy if gw is None else gw,
         dummy if rgb is None else rgb, dummy if dep is None else dep, dummy if op is None else op,
         dummy if weights is None else weights, dummy if gsum is None else gsum,
-        n, R, S, C, HID, D, *_split(scale, cdt), *_split(density_bias, cdt), *_split(eps, cdt),
-        N_LEVELS=len(planes), PLANE_AXES=int(plane_axes), CL=cl, WHITE_BG=bool(white_bg),
+        n, R, S, C, HID, D, *_split(p.sample.scale, cdt), *_split(p.composite.density_bias, cdt),
+        *_split(p.composite.eps, cdt),
+        N_LEVELS=len(planes), PLANE_AXES=int(p.sample.plane_axes), CL=cl, WHITE_BG=bool(p.composite.white_bg),
         NEED_WEIGHTS=weights is not None, GW_DOT=gw is not None, STORE_OUT=rgb is not None,
         DOT_PREC=_dot_precision(DOT_PRECISION_FWD, cdt), BLOCK_R=block)
 
 
 def render_fwd(levels: List[Tensor], rays_o: Tensor, rays_d: Tensor, depths: Tensor, w1: Tensor, b1: Tensor,
-               w2: Tensor, b2: Tensor, target: Optional[Tensor], scale: float, plane_axes: int, s1: float, s2: float,
-               c_min: float, c_max: float, density_bias: float, eps: float, white_bg: bool,
-               need_weights: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """-> (rgb [B,R,D], depth [B,R], opacity [B,R], weights [B,R,S-1] or an empty tensor).
+               w2: Tensor, b2: Tensor, target: Optional[Tensor], *options) -> Composite:
+    """options: the RenderParams fields in order (g3dr_kernels/_params.py), then need_weights.
+    -> Composite(rgb [B,R,D], depth [B,R], opacity [B,R], weights [B,R,S-1] or an empty tensor).
     The forward ignores target and the kernel constants (they only scale gradients)."""
-    _check_scalars(scale, plane_axes)
+    p, (need_weights,) = RenderParams.split(options)
     sizes = _sizes(levels, depths, w1, w2, rays_o, rays_d, b1, b2, target)
     B, R, S, C, HID, D, *_ = sizes
     rgb = depths.new_empty(B, R, D)
@@ -698,21 +693,19 @@ def render_fwd(levels: List[Tensor], rays_o: Tensor, rays_d: Tensor, depths: Ten
     op = depths.new_empty(B, R)
     weights = depths.new_empty(B, R, max(S - 1, 0)) if need_weights else depths.new_empty(0)
     if B * R == 0:
-        return rgb, dep, op, weights
+        return Composite(rgb, dep, op, weights)
     cl = _channels_last(depths.device)
     _launch_fwd(_kernel_planes(levels, cl), cl, rays_o, rays_d, depths, w1, b1, w2, b2, sizes,
-                _compute_dtype(*levels, depths, w1), scale, plane_axes, density_bias, eps, white_bg, (rgb, dep, op),
-                weights if need_weights else None, None, None)
-    return rgb, dep, op, weights
+                _compute_dtype(*levels, depths, w1), p, (rgb, dep, op), weights if need_weights else None, None, None)
+    return Composite(rgb, dep, op, weights)
 
 
 def render_bwd(grad_rgb: Tensor, grad_depth: Tensor, grad_opacity: Tensor, grad_weights: Optional[Tensor],
                levels: List[Tensor], rays_o: Tensor, rays_d: Tensor, depths: Tensor, w1: Tensor, b1: Tensor,
                w2: Tensor, b2: Tensor, target: Optional[Tensor], out_rgb: Tensor, out_depth: Tensor,
-               out_opacity: Tensor, scale: float, plane_axes: int, s1: float, s2: float, c_min: float,
-               c_max: float, density_bias: float, eps: float, white_bg: bool) -> List[Tensor]:
-    """-> [grad of each level..., grad_w1, grad_b1, grad_w2, grad_b2]."""
-    _check_scalars(scale, plane_axes)
+               out_opacity: Tensor, *params) -> List[Tensor]:
+    """params: the RenderParams fields in order. -> [grad of each level..., grad_w1, grad_b1, grad_w2, grad_b2]."""
+    p, _ = RenderParams.split(params)
     sizes = _sizes(levels, depths, w1, w2, rays_o, rays_d, b1, b2, target)
     B, R, S, C, HID, D, CP, HP, DP = sizes
     n = B * R
@@ -722,15 +715,15 @@ def render_bwd(grad_rgb: Tensor, grad_depth: Tensor, grad_opacity: Tensor, grad_
     cdt = _compute_dtype(*levels, depths, w1)
     cl = _channels_last(dev)
     kplanes = _kernel_planes(levels, cl)
-    gplanes = tuple(torch.zeros(p.shape, dtype=cdt, device=dev) for p in kplanes[0])  # atomics in float32/64
+    gplanes = tuple(torch.zeros(kp.shape, dtype=cdt, device=dev) for kp in kplanes[0])  # atomics in float32/64
     # The weights' gradient couples every interval of a ray to all later ones through
     # sum_j w_j g_w_j; autograd hands zeros when the weights were not used, so check first.
     gw = gsum = None
     if grad_weights is not None and grad_weights.numel() > 0 and bool((grad_weights != 0).any()):
         gw = grad_weights.contiguous()
         gsum = torch.empty(B, R, dtype=cdt, device=dev)
-        _launch_fwd(kplanes, cl, rays_o, rays_d, depths, w1, b1, w2, b2, sizes, cdt, scale, plane_axes, density_bias,
-                    eps, white_bg, (None, None, None), None, gw, gsum)
+        _launch_fwd(kplanes, cl, rays_o, rays_d, depths, w1, b1, w2, b2, sizes, cdt, p, (None, None, None), None, gw,
+                    gsum)
     block = _block_r(BLOCK_R_BWD, n, dev)
     nprog = _device_programs(dev, triton.cdiv(n, block))
     pw1 = torch.empty(nprog, HP, CP, dtype=cdt, device=dev)
@@ -738,13 +731,15 @@ def render_bwd(grad_rgb: Tensor, grad_depth: Tensor, grad_opacity: Tensor, grad_
     pw2 = torch.empty(nprog, DP, HP, dtype=cdt, device=dev)
     pb2 = torch.empty(nprog, DP, dtype=cdt, device=dev)
     planes, hs, ws = kplanes
+    k, comp = p.composite.kernel, p.composite
+    scalars = (p.sample.scale, k.s1, k.s2, k.c_min, k.c_max, comp.density_bias, comp.eps)  # the kernel's order
     _launch(_render_bwd_kernel, (nprog,), dev, dict(CP=CP, HP=HP, DP=DP, CDT=_tl_dtype(cdt)),
         planes, gplanes, hs, ws, rays_o, rays_d, depths, w1, b1, w2, b2,
         depths if target is None else target, depths if gw is None else gw, depths if gsum is None else gsum,
         grad_rgb.contiguous(), grad_depth.contiguous(), grad_opacity.contiguous(), out_rgb.contiguous(),
         out_depth.contiguous(), out_opacity.contiguous(), pw1, pb1, pw2, pb2,
-        n, R, S, C, HID, D, *[v for x in (scale, s1, s2, c_min, c_max, density_bias, eps) for v in _split(x, cdt)],
-        N_LEVELS=len(planes), PLANE_AXES=int(plane_axes), CL=cl, WHITE_BG=bool(white_bg),
+        n, R, S, C, HID, D, *[v for x in scalars for v in _split(x, cdt)],
+        N_LEVELS=len(planes), PLANE_AXES=int(p.sample.plane_axes), CL=cl, WHITE_BG=bool(comp.white_bg),
         HAS_TARGET=target is not None, HAS_GW=gw is not None, DOT_PREC=_dot_precision(DOT_PRECISION_BWD, cdt),
         BLOCK_R=block)
     if cl:

@@ -31,7 +31,6 @@ gradients, as the reference does, and add nothing to the plane gradients.
 """
 from __future__ import annotations
 
-import math
 import struct
 from typing import List, Sequence
 
@@ -40,6 +39,7 @@ import triton
 import triton.language as tl
 
 from .._backend import triton_interpreting
+from .._params import SampleParams
 from .._types import PLANE_COORDS
 
 LEVELS_PER_LAUNCH = 4  # level pointers one kernel launch takes; more levels -> several launches
@@ -271,11 +271,7 @@ def _shape(t: torch.Tensor) -> str:
     return "[" + "x".join(str(s) for s in t.shape) + "]"
 
 
-def _check(levels: Sequence[torch.Tensor], xyz: torch.Tensor, plane_axes: int, scale: float) -> None:
-    if not (math.isfinite(scale) and scale > 0):
-        raise ValueError(f"triton sample: scale (2 / box_warp) must be finite and > 0, got {scale!r}")
-    if plane_axes not in PLANE_COORDS:
-        raise ValueError(f"plane_axes must be one of {tuple(PLANE_COORDS)}, got {plane_axes!r}")
+def _check(levels: Sequence[torch.Tensor], xyz: torch.Tensor) -> None:
     if len(levels) == 0:
         raise ValueError("sample_fwd needs at least one level")
     first = levels[0]
@@ -323,11 +319,13 @@ def _chunks(items: Sequence, k: int = LEVELS_PER_LAUNCH) -> List[list]:
     return [list(items[i:i + k]) for i in range(0, len(items), k)]
 
 
-def sample_fwd(levels: Sequence[torch.Tensor], xyz: torch.Tensor, scale: float, plane_axes: int) -> torch.Tensor:
-    """levels: finest-first [B,3,C,H_l,W_l]; xyz [B,N,3]; scale = 2/box_warp -> [B,N,C] in the plane dtype."""
+def sample_fwd(levels: Sequence[torch.Tensor], xyz: torch.Tensor, *params) -> torch.Tensor:
+    """levels: finest-first [B,3,C,H_l,W_l]; xyz [B,N,3]; params: the SampleParams fields in order
+    (g3dr_kernels/_params.py) -> [B,N,C] in the plane dtype."""
+    p, _ = SampleParams.split(params)
     levels = [lv.contiguous() for lv in levels]
     xyz = xyz.contiguous()
-    _check(levels, xyz, plane_axes, scale)
+    _check(levels, xyz)
     B, N = xyz.shape[:2]
     C = levels[0].shape[2]
     dtype = levels[0].dtype
@@ -335,7 +333,7 @@ def sample_fwd(levels: Sequence[torch.Tensor], xyz: torch.Tensor, scale: float, 
     out = torch.empty(B, N, C, dtype=dtype, device=xyz.device)
     if out.numel() == 0:
         return out
-    hi, lo = _scale_args(scale, acc)
+    hi, lo = _scale_args(p.scale, acc)
     chunks = _chunks(levels)
     total = None
     for chunk in chunks:
@@ -343,7 +341,7 @@ def sample_fwd(levels: Sequence[torch.Tensor], xyz: torch.Tensor, scale: float, 
         dst = out if len(chunks) == 1 else torch.empty(B, N, C, dtype=acc, device=xyz.device)
         ptrs, sizes = _level_args(chunk)
         _launch(_sample_fwd_tuned, _sample_fwd_kernel, B, N, C, (xyz, dst, *ptrs, *sizes, len(chunk), N, C, hi, lo),
-                **_meta(plane_axes, acc))
+                **_meta(p.plane_axes, acc))
         if len(chunks) > 1:
             total = dst if total is None else total.add_(dst)
     if total is not None:
@@ -351,14 +349,15 @@ def sample_fwd(levels: Sequence[torch.Tensor], xyz: torch.Tensor, scale: float, 
     return out
 
 
-def sample_bwd(grad_out: torch.Tensor, levels: Sequence[torch.Tensor], xyz: torch.Tensor, scale: float,
-               plane_axes: int, need_xyz_grad: bool) -> List[torch.Tensor]:
-    """grad_out [B,N,C] -> [grad of each level (its shape and dtype), grad_xyz [B,N,3] (empty without
-    need_xyz_grad)]."""
+def sample_bwd(grad_out: torch.Tensor, levels: Sequence[torch.Tensor], xyz: torch.Tensor, *options
+               ) -> List[torch.Tensor]:
+    """grad_out [B,N,C]; options: the SampleParams fields in order, then need_xyz_grad -> [grad of each
+    level (its shape and dtype), grad_xyz [B,N,3] (empty without need_xyz_grad)]."""
+    p, (need_xyz_grad,) = SampleParams.split(options)
     levels = [lv.contiguous() for lv in levels]
     xyz = xyz.contiguous()
     grad_out = grad_out.contiguous()
-    _check(levels, xyz, plane_axes, scale)
+    _check(levels, xyz)
     B, N = xyz.shape[:2]
     C = levels[0].shape[2]
     if grad_out.shape != (B, N, C):
@@ -369,7 +368,7 @@ def sample_bwd(grad_out: torch.Tensor, levels: Sequence[torch.Tensor], xyz: torc
     gbufs = [torch.zeros(lv.shape, dtype=acc, device=lv.device) for lv in levels]
     gxyz = torch.zeros(B, N, 3, dtype=acc, device=xyz.device) if need_xyz_grad else xyz.new_empty(0)
     if grad_out.numel() > 0:
-        hi, lo = _scale_args(scale, acc)
+        hi, lo = _scale_args(p.scale, acc)
         chunks = list(zip(_chunks(levels), _chunks(gbufs)))
         total = None
         for chunk, gchunk in chunks:
@@ -383,7 +382,7 @@ def sample_bwd(grad_out: torch.Tensor, levels: Sequence[torch.Tensor], xyz: torc
             gptrs, _ = _level_args(gchunk)
             _launch(_sample_bwd_tuned, _sample_bwd_kernel, B, N, C,
                     (grad_out, xyz, dst, *ptrs, *gptrs, *sizes, len(chunk), N, C, hi, lo),
-                    NEED_XYZ=bool(need_xyz_grad), **_meta(plane_axes, acc))
+                    NEED_XYZ=bool(need_xyz_grad), **_meta(p.plane_axes, acc))
             if need_xyz_grad and len(chunks) > 1:
                 total = dst if total is None else total.add_(dst)
         if total is not None:

@@ -42,11 +42,25 @@ constexpr double kTransmittanceEps = 1e-10;
 // torch.nn.functional.softplus's default threshold: softplus(z) = z above it (see common.h).
 constexpr double kSoftplusThreshold = 20.0;
 
+// The op's options: Params<double> is the block the op boundary reads (g3dr/params.h), a kernel takes
+// Params<acc_t> (g3dr::cast). fields() is the one list of them, in the op schemas' order.
 template <typename T>
 struct Params {
   T s1, s2, c_min, c_max;  // DepthKernel
   T density_bias, eps;
   bool white_bg;
+
+  // f(name, p.field...) for every field in order, over one block or several of any T (host code).
+  template <typename F, typename... P>
+  static void fields(F&& f, P&... p) {
+    f("s1", p.s1...);
+    f("s2", p.s2...);
+    f("c_min", p.c_min...);
+    f("c_max", p.c_max...);
+    f("density_bias", p.density_bias...);
+    f("eps", p.eps...);
+    f("white_bg", p.white_bg...);
+  }
 };
 
 // Math on the accumulation type, via std:: on the host and the CUDA overloads on the device.
