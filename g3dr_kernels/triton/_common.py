@@ -168,12 +168,18 @@ def _interval(s0, s1, d0, d1, density_bias, REF_ROUNDING: tl.constexpr, WITH_GRA
       e / factor <= 1 in the backward pass.
     Making render.py use the second would change its results (by ulps, and by more behind an opaque
     interval): a numerics decision, not a refactor."""
+    # The statement order is each kernel's own: it decides which products the compiler contracts into
+    # FMAs (e.g. 0.5 * (d0 + d1) into the caller's t - target), i.e. how the GPU rounds (sm_90 PTX).
+    if REF_ROUNDING:
+        t = 0.5 * (d0 + d1)
+        delta = d1 - d0
     x = 0.5 * (s0 + s1) + density_bias
     if REF_ROUNDING:
         sp = _softplus(x)
     else:
-        sp = tl.where(x > 20.0, x, tl.maximum(x, 0.0) + _log1p(tl.exp(-tl.abs(x))))
-    delta = d1 - d0
+        log1p_z = _log1p(tl.exp(-tl.abs(x)))
+        sp = tl.where(x > 20.0, x, tl.maximum(x, 0.0) + log1p_z)
+        delta = d1 - d0
     e = tl.exp(-sp * delta)
     alpha = 1.0 - e
     if REF_ROUNDING:
@@ -183,7 +189,9 @@ def _interval(s0, s1, d0, d1, density_bias, REF_ROUNDING: tl.constexpr, WITH_GRA
     dsp_dx = e  # placeholder: compiled Triton cannot return None in a tuple; unused without WITH_GRAD
     if WITH_GRAD:
         dsp_dx = _softplus_grad(x)
-    return alpha, e, keep, 0.5 * (d0 + d1), delta, dsp_dx
+    if not REF_ROUNDING:
+        t = 0.5 * (d0 + d1)
+    return alpha, e, keep, t, delta, dsp_dx
 
 
 @triton.jit
