@@ -76,6 +76,15 @@ def _ray_block(n_rays, S, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
+def _sample(sigma_ptr, depths_ptr, rgb_ptr, s_base, c_base, i, D, rmask, cmask, ACC: tl.constexpr):
+    """Sample i of each ray: density and depth [BLOCK_R], colour [BLOCK_R, BLOCK_D], in ACC (zeros where
+    masked)."""
+    return (tl.load(sigma_ptr + s_base + i, mask=rmask, other=0.0).to(ACC),
+            tl.load(depths_ptr + s_base + i, mask=rmask, other=0.0).to(ACC),
+            tl.load(rgb_ptr + c_base + i * D, mask=cmask, other=0.0).to(ACC))
+
+
+@triton.jit
 def _composite_fwd_kernel(sigma_ptr, rgb_ptr, depths_ptr, out_rgb_ptr, out_depth_ptr, out_opacity_ptr,
                           weights_ptr, n_rays, S, D, bias_hi, bias_lo, eps_hi, eps_lo,
                           WHITE_BG: tl.constexpr, NEED_WEIGHTS: tl.constexpr, ACC: tl.constexpr,
@@ -84,17 +93,13 @@ def _composite_fwd_kernel(sigma_ptr, rgb_ptr, depths_ptr, out_rgb_ptr, out_depth
     eps = _scalar(eps_hi, eps_lo, ACC)
     rays, rmask, dch, cmask, s_base, c_base, w_base = _ray_block(n_rays, S, D, BLOCK_R, BLOCK_D)
 
-    s0 = tl.load(sigma_ptr + s_base, mask=rmask, other=0.0).to(ACC)
-    d0 = tl.load(depths_ptr + s_base, mask=rmask, other=0.0).to(ACC)
-    c0 = tl.load(rgb_ptr + c_base, mask=cmask, other=0.0).to(ACC)
+    s0, d0, c0 = _sample(sigma_ptr, depths_ptr, rgb_ptr, s_base, c_base, 0, D, rmask, cmask, ACC)
     T = tl.full((BLOCK_R,), 1.0, ACC)
     acc_o = tl.zeros((BLOCK_R,), ACC)
     acc_t = tl.zeros((BLOCK_R,), ACC)
     acc_c = tl.zeros((BLOCK_R, BLOCK_D), ACC)
     for i in range(0, S - 1):
-        s1 = tl.load(sigma_ptr + s_base + (i + 1), mask=rmask, other=0.0).to(ACC)
-        d1 = tl.load(depths_ptr + s_base + (i + 1), mask=rmask, other=0.0).to(ACC)
-        c1 = tl.load(rgb_ptr + c_base + (i + 1) * D, mask=cmask, other=0.0).to(ACC)
+        s1, d1, c1 = _sample(sigma_ptr, depths_ptr, rgb_ptr, s_base, c_base, i + 1, D, rmask, cmask, ACC)
         alpha, e, keep, t, delta, _ = _interval(s0, s1, d0, d1, density_bias, False, False)
         w = alpha * T
         acc_o += w
@@ -183,17 +188,13 @@ def _composite_bwd_kernel(g_rgb_ptr, g_depth_ptr, g_opacity_ptr, g_weights_ptr, 
             total += _total_wg(sigma_ptr, rgb_ptr, depths_ptr, g_weights_ptr, s_base, c_base, w_base, rmask, cmask, S,
                                D, density_bias, g_c, g_base, g_dscale, depth, False, True, ACC, BLOCK_R)
 
-    s0 = tl.load(sigma_ptr + s_base, mask=rmask, other=0.0).to(ACC)
-    d0 = tl.load(depths_ptr + s_base, mask=rmask, other=0.0).to(ACC)
-    c0 = tl.load(rgb_ptr + c_base, mask=cmask, other=0.0).to(ACC)
+    s0, d0, c0 = _sample(sigma_ptr, depths_ptr, rgb_ptr, s_base, c_base, 0, D, rmask, cmask, ACC)
     T = tl.full((BLOCK_R,), 1.0, ACC)
     prefix = tl.zeros((BLOCK_R,), ACC)
     prev_gs = tl.zeros((BLOCK_R,), ACC)  # the previous interval's gradient to its mid density
     prev_gc = tl.zeros((BLOCK_R, BLOCK_D), ACC)
     for i in range(0, S - 1):
-        s1 = tl.load(sigma_ptr + s_base + (i + 1), mask=rmask, other=0.0).to(ACC)
-        d1 = tl.load(depths_ptr + s_base + (i + 1), mask=rmask, other=0.0).to(ACC)
-        c1 = tl.load(rgb_ptr + c_base + (i + 1) * D, mask=cmask, other=0.0).to(ACC)
+        s1, d1, c1 = _sample(sigma_ptr, depths_ptr, rgb_ptr, s_base, c_base, i + 1, D, rmask, cmask, ACC)
         alpha, e, keep, t, delta, dsp_dx = _interval(s0, s1, d0, d1, density_bias, False, True)
         w = alpha * T
         G = tl.sum(g_c * (0.5 * (c0 + c1)), axis=1) + g_dscale * (t - depth) + g_base
