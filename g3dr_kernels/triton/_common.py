@@ -158,7 +158,7 @@ def _bilinear(a, b, H, W, IDX: tl.constexpr):
 @triton.jit
 def _interval(s0, s1, d0, d1, density_bias, REF_ROUNDING: tl.constexpr, WITH_GRAD: tl.constexpr):
     """One interval from its two samples (densities s0, s1 at depths d0, d1): (alpha, e = exp(-sp delta),
-    the transmittance factor 1 - alpha + 1e-10, mid depth t, delta, d sp / d x (WITH_GRAD)).
+    the transmittance factor 1 - alpha + 1e-10, mid depth t, delta, and d sp / d x with WITH_GRAD, else x).
     Two roundings of the same formulas, both kept so that each kernel's numbers stay what they were:
     - REF_ROUNDING (render.py): sp = _softplus(x), the factor formed as 1 - alpha + 1e-10, as the float32
       reference rounds them.
@@ -186,9 +186,10 @@ def _interval(s0, s1, d0, d1, density_bias, REF_ROUNDING: tl.constexpr, WITH_GRA
         keep = 1.0 - alpha + 1e-10
     else:
         keep = e + 1e-10
-    dsp_dx = e  # placeholder: compiled Triton cannot return None in a tuple; unused without WITH_GRAD
     if WITH_GRAD:
         dsp_dx = _softplus_grad(x)
+    else:
+        dsp_dx = x  # for a caller that takes _softplus_grad(x) later (compiled Triton cannot return None)
     if not REF_ROUNDING:
         t = 0.5 * (d0 + d1)
     return alpha, e, keep, t, delta, dsp_dx

@@ -422,7 +422,7 @@ def _render_bwd_kernel(
             pre, o, sig, c = _decode(f, _weights(w1t, w1_ptr, cc, hh, cmask, hmask, 1, C, CDT, HOIST_W), b1v,
                                      _weights(w2t, w2_ptr, hh, jj, hmask, jmask, 1, HID, CDT, HOIST_W), b2v, jj, D,
                                      DOT_PREC)
-            alpha, e, keep, tm, delta, dsp_dx = _interval(sig_prev, sig, t_prev, t, density_bias, True, True)
+            alpha, e, keep, tm, delta, x = _interval(sig_prev, sig, t_prev, t, density_bias, True, False)
             om = tl.where(live, keep, 1.0)  # 1 on the dead interval before the first sample
             w = tl.where(live, alpha * T, 0.0)
             dldw = tl.sum(g_rgb * (0.5 * (c_prev + c)), axis=1) + g_d * (tm - o_d) / E + g_op
@@ -430,7 +430,7 @@ def _render_bwd_kernel(
                 dldw += tl.load(gw_ptr + g * (S - 1) + (s - 1), mask=rmask & live, other=0.0).to(CDT)
             prefix += w * dldw
             suffix = total - prefix  # sum_{j>i} w_j dL/dw_j
-            dsm = (T * dldw * e - suffix * (e / om)) * delta * dsp_dx
+            dsm = (T * dldw * e - suffix * (e / om)) * delta * _softplus_grad(x)
             dsm = tl.where(live & rmask, dsm, 0.0)
             if HAS_TARGET:
                 k = _depth_kernel(tgt, tm, s1, s2, c_min, c_max)
