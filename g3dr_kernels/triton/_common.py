@@ -2,10 +2,11 @@
 only their kernels and what is theirs alone.
 
 Every helper here is inlined into its caller by the Triton compiler, so moving code here changes no
-generated code by itself. Under TRITON_INTERPRET=1, though, each device-function call costs the
+generated code as long as the order of its statements stays (that order decides which products the
+compiler contracts into FMAs, so the GPU's rounding: see _interval). Under TRITON_INTERPRET=1, though, each device-function call costs the
 interpreter some Python work (~0.15 ms), so the helpers are few and coarse rather than many and tiny.
 
-Formulas (DESIGN.md):
+Formulas (their oracle is `g3dr_kernels.reference`):
     softplus(x) = x above 20, else log1p(exp(x))    (torch's, beta 1, threshold 20)
     softplus'(x) = 1 above 20, else sigmoid(x)       (as torch's softplus backward)
     bilinear taps (grid_sample, align_corners=False): ix = ((a + 1) W - 1) / 2, x0 = floor(ix),
