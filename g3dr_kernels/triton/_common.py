@@ -198,6 +198,7 @@ def _interval(s0, s1, d0, d1, density_bias, REF_ROUNDING: tl.constexpr, WITH_GRA
 
 @triton.jit
 def _depth_kernel(target, t, s1, s2, c_min, c_max):
-    """G3DR's depth-kernel gradient scale k = min(c_max, max(s1 exp(-(target - t)^2 / s2), c_min))."""
+    """G3DR's depth-kernel gradient scale k = min(c_max, max(s1 exp(-(target - t)^2 / s2), c_min)) (operands
+    in render.py's order: its sm_90 backward spills more with them swapped; composite.py's does not care)."""
     diff = target - t
-    return tl.minimum(c_max, tl.maximum(s1 * tl.exp(-(diff * diff) / s2), c_min))
+    return tl.minimum(tl.maximum(s1 * tl.exp(-(diff * diff) / s2), c_min), c_max)
