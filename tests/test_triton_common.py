@@ -40,20 +40,9 @@ if _WHY is None:
         m = i < n
         a = tl.load(a_ptr + i, mask=m, other=0.0)
         b = tl.load(b_ptr + i, mask=m, other=0.0)
-        x0, y0, x1, y1, wx0, wy0, wx1, wy1, vx0, vy0, vx1, vy1 = tc._bilinear(a, b, H, W, IDX)
-        row = out_ptr + i * 12
-        tl.store(row + 0, x0.to(tl.float64), mask=m)
-        tl.store(row + 1, y0.to(tl.float64), mask=m)
-        tl.store(row + 2, x1.to(tl.float64), mask=m)
-        tl.store(row + 3, y1.to(tl.float64), mask=m)
-        tl.store(row + 4, wx0.to(tl.float64), mask=m)
-        tl.store(row + 5, wy0.to(tl.float64), mask=m)
-        tl.store(row + 6, wx1.to(tl.float64), mask=m)
-        tl.store(row + 7, wy1.to(tl.float64), mask=m)
-        tl.store(row + 8, vx0.to(tl.float64), mask=m)
-        tl.store(row + 9, vy0.to(tl.float64), mask=m)
-        tl.store(row + 10, vx1.to(tl.float64), mask=m)
-        tl.store(row + 11, vy1.to(tl.float64), mask=m)
+        taps = tc._bilinear(a, b, H, W, IDX)  # x0, y0, x1, y1, wx0, wy0, wx1, wy1, vx0, vy0, vx1, vy1
+        for k in tl.static_range(12):
+            tl.store(out_ptr + i * 12 + k, taps[k].to(tl.float64), mask=m)
 
     @triton.jit
     def _interval_probe(s_ptr, d_ptr, out_ptr, bias, n, REF_ROUNDING: tl.constexpr, BLOCK: tl.constexpr):
@@ -63,14 +52,9 @@ if _WHY is None:
         s1 = tl.load(s_ptr + 2 * i + 1, mask=m, other=0.0)
         d0 = tl.load(d_ptr + 2 * i, mask=m, other=0.0)
         d1 = tl.load(d_ptr + 2 * i + 1, mask=m, other=1.0)
-        alpha, e, keep, t, delta, dsp = tc._interval(s0, s1, d0, d1, bias, REF_ROUNDING, True)
-        row = out_ptr + i * 6
-        tl.store(row + 0, alpha, mask=m)
-        tl.store(row + 1, e, mask=m)
-        tl.store(row + 2, keep, mask=m)
-        tl.store(row + 3, t, mask=m)
-        tl.store(row + 4, delta, mask=m)
-        tl.store(row + 5, dsp, mask=m)
+        vals = tc._interval(s0, s1, d0, d1, bias, REF_ROUNDING, True)  # alpha, e, keep, t, delta, dsp
+        for k in tl.static_range(6):
+            tl.store(out_ptr + i * 6 + k, vals[k], mask=m)
 
 
 @pytest.mark.parametrize("plane_axes", sorted(PLANE_COORDS))
