@@ -39,6 +39,7 @@ from torch import Tensor
 
 from .._params import CompositeGrads, CompositeParams
 from .._types import Composite
+from ._common import _depth_kernel, _depth_kernel_args, _interval, _scalar
 
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 MAX_D = 64  # widest colour/feature vector (BLOCK_D registers per ray)
@@ -57,45 +58,32 @@ def _launch_config(n_rays: int, d: int) -> Tuple[int, int, int]:
     return block_r, block_d, num_warps
 
 
-@triton.jit
-def _interval(s0, s1, d0, d1, density_bias, WITH_GRAD: tl.constexpr):
-    """One interval from its two samples: (alpha, e = exp(-sp delta), the transmittance factor
-    1 - alpha + 1e-10, mid depth t, delta, d sp / d x (WITH_GRAD)). One helper, not several: every device
-    function call costs the Triton interpreter a re-patch of tl (~1 ms), and this one runs per interval.
-    sp = torch's softplus (beta 1, threshold 20): x if x > 20 else log1p(exp(x)), written as
-    max(x, 0) + log1p(exp(-|x|)) with Goldberg's log1p(z) = log(u) z / (u - 1), u = 1 + z (tl has
-    no log1p the interpreter runs); it is z where u rounds to 1."""
-    x = 0.5 * (s0 + s1) + density_bias
-    z = tl.exp(-tl.abs(x))
-    u = 1.0 + z
-    log1p_z = tl.where(u == 1.0, z, tl.log(u) * (z / tl.where(u == 1.0, 1.0, u - 1.0)))
-    sp = tl.where(x > 20.0, x, tl.maximum(x, 0.0) + log1p_z)
-    delta = d1 - d0
-    e = tl.exp(-sp * delta)
-    alpha = 1.0 - e
-    # 1 - alpha + 1e-10, from e rather than from the rounded alpha: exact for small e, where
-    # fl(1 - fl(1 - e)) loses e entirely (e < 2^-24), and it keeps e / keep <= 1 in the backward pass
-    keep = e + 1e-10
-    dsp_dx = e  # placeholder: compiled Triton cannot return None in a tuple; unused without WITH_GRAD
-    if WITH_GRAD:
-        dsp_dx = tl.where(x > 20.0, 1.0, 1.0 / (1.0 + tl.exp(-x)))
-    return alpha, e, keep, 0.5 * (d0 + d1), delta, dsp_dx
-
-
-@triton.jit
-def _scalar(hi, lo, ACC: tl.constexpr):
-    """A float argument in the accumulation dtype. Triton passes Python floats as float32, so float64
-    runs get each one as hi + lo (both float32; lo is 0 for float32 runs), summed in float64."""
-    if ACC == tl.float64:
-        return (tl.zeros([], tl.float64) + hi) + lo
-    else:
-        return hi + 0.0
-
-
 def _split(x: float, acc: tl.dtype) -> Tuple[float, float]:
     """(hi, lo) float32 parts of x for _scalar: lo carries what float32 drops, for float64 runs."""
     hi = struct.unpack("f", struct.pack("f", float(x)))[0]
     return hi, (struct.unpack("f", struct.pack("f", float(x) - hi))[0] if acc == tl.float64 else 0.0)
+
+
+@triton.jit
+def _ray_block(n_rays, S, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's BLOCK_R rays (int64) and their mask, the channel range and the [BLOCK_R, BLOCK_D]
+    colour mask, and the element offsets of each ray's first sample in sigma/depths [*, S], rgb
+    [*, S, D] (per channel) and weights [*, S-1]."""
+    rays = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    rmask = rays < n_rays
+    dch = tl.arange(0, BLOCK_D)
+    cmask = rmask[:, None] & (dch[None, :] < D)
+    s_base = rays * S
+    return rays, rmask, dch, cmask, s_base, s_base[:, None] * D + dch[None, :], rays * (S - 1)
+
+
+@triton.jit
+def _sample(sigma_ptr, depths_ptr, rgb_ptr, s_base, c_base, i, D, rmask, cmask, ACC: tl.constexpr):
+    """Sample i of each ray: density and depth [BLOCK_R], colour [BLOCK_R, BLOCK_D], in ACC (zeros where
+    masked)."""
+    return (tl.load(sigma_ptr + s_base + i, mask=rmask, other=0.0).to(ACC),
+            tl.load(depths_ptr + s_base + i, mask=rmask, other=0.0).to(ACC),
+            tl.load(rgb_ptr + c_base + i * D, mask=cmask, other=0.0).to(ACC))
 
 
 @triton.jit
@@ -105,27 +93,16 @@ def _composite_fwd_kernel(sigma_ptr, rgb_ptr, depths_ptr, out_rgb_ptr, out_depth
                           BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     density_bias = _scalar(bias_hi, bias_lo, ACC)
     eps = _scalar(eps_hi, eps_lo, ACC)
-    pid = tl.program_id(0)
-    rays = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
-    rmask = rays < n_rays
-    dch = tl.arange(0, BLOCK_D)
-    cmask = rmask[:, None] & (dch[None, :] < D)
-    s_base = rays * S
-    c_base = s_base[:, None] * D + dch[None, :]
-    w_base = rays * (S - 1)
+    rays, rmask, dch, cmask, s_base, c_base, w_base = _ray_block(n_rays, S, D, BLOCK_R, BLOCK_D)
 
-    s0 = tl.load(sigma_ptr + s_base, mask=rmask, other=0.0).to(ACC)
-    d0 = tl.load(depths_ptr + s_base, mask=rmask, other=0.0).to(ACC)
-    c0 = tl.load(rgb_ptr + c_base, mask=cmask, other=0.0).to(ACC)
+    s0, d0, c0 = _sample(sigma_ptr, depths_ptr, rgb_ptr, s_base, c_base, 0, D, rmask, cmask, ACC)
     T = tl.full((BLOCK_R,), 1.0, ACC)
     acc_o = tl.zeros((BLOCK_R,), ACC)
     acc_t = tl.zeros((BLOCK_R,), ACC)
     acc_c = tl.zeros((BLOCK_R, BLOCK_D), ACC)
     for i in range(0, S - 1):
-        s1 = tl.load(sigma_ptr + s_base + (i + 1), mask=rmask, other=0.0).to(ACC)
-        d1 = tl.load(depths_ptr + s_base + (i + 1), mask=rmask, other=0.0).to(ACC)
-        c1 = tl.load(rgb_ptr + c_base + (i + 1) * D, mask=cmask, other=0.0).to(ACC)
-        alpha, e, keep, t, delta, _ = _interval(s0, s1, d0, d1, density_bias, False)
+        s1, d1, c1 = _sample(sigma_ptr, depths_ptr, rgb_ptr, s_base, c_base, i + 1, D, rmask, cmask, ACC)
+        alpha, e, keep, t, delta, _ = _interval(s0, s1, d0, d1, density_bias, False, False)
         w = alpha * T
         acc_o += w
         acc_t += w * t
@@ -157,7 +134,7 @@ def _total_wg(sigma_ptr, rgb_ptr, depths_ptr, gw_ptr, s_base, c_base, w_base, rm
     for i in range(0, S - 1):
         s1 = tl.load(sigma_ptr + s_base + (i + 1), mask=rmask, other=0.0).to(ACC)
         d1 = tl.load(depths_ptr + s_base + (i + 1), mask=rmask, other=0.0).to(ACC)
-        alpha, e, keep, t, delta, _ = _interval(s0, s1, d0, d1, density_bias, False)
+        alpha, e, keep, t, delta, _ = _interval(s0, s1, d0, d1, density_bias, False, False)
         G = tl.zeros((BLOCK_R,), ACC)
         if HAS_GRAD_WEIGHTS:
             G += tl.load(gw_ptr + w_base + i, mask=rmask, other=0.0).to(ACC)
@@ -179,20 +156,11 @@ def _composite_bwd_kernel(g_rgb_ptr, g_depth_ptr, g_opacity_ptr, g_weights_ptr, 
                           HAS_TARGET: tl.constexpr, WHITE_BG: tl.constexpr, HAS_GRAD_WEIGHTS: tl.constexpr,
                           FIRST_PASS_FULL: tl.constexpr, ACC: tl.constexpr,
                           BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    s1_k = _scalar(s1_hi, s1_lo, ACC)
-    s2_k = _scalar(s2_hi, s2_lo, ACC)
-    c_min = _scalar(cmin_hi, cmin_lo, ACC)
-    c_max = _scalar(cmax_hi, cmax_lo, ACC)
+    s1_k, s2_k, c_min, c_max = _depth_kernel_args(s1_hi, s1_lo, s2_hi, s2_lo, cmin_hi, cmin_lo, cmax_hi, cmax_lo,
+                                                  ACC)
     density_bias = _scalar(bias_hi, bias_lo, ACC)
     eps = _scalar(eps_hi, eps_lo, ACC)
-    pid = tl.program_id(0)
-    rays = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
-    rmask = rays < n_rays
-    dch = tl.arange(0, BLOCK_D)
-    cmask = rmask[:, None] & (dch[None, :] < D)
-    s_base = rays * S
-    c_base = s_base[:, None] * D + dch[None, :]
-    w_base = rays * (S - 1)
+    rays, rmask, dch, cmask, s_base, c_base, w_base = _ray_block(n_rays, S, D, BLOCK_R, BLOCK_D)
     ray_c = rays[:, None] * D + dch[None, :]
 
     g_c = tl.load(g_rgb_ptr + ray_c, mask=cmask, other=0.0).to(ACC)
@@ -222,18 +190,14 @@ def _composite_bwd_kernel(g_rgb_ptr, g_depth_ptr, g_opacity_ptr, g_weights_ptr, 
             total += _total_wg(sigma_ptr, rgb_ptr, depths_ptr, g_weights_ptr, s_base, c_base, w_base, rmask, cmask, S,
                                D, density_bias, g_c, g_base, g_dscale, depth, False, True, ACC, BLOCK_R)
 
-    s0 = tl.load(sigma_ptr + s_base, mask=rmask, other=0.0).to(ACC)
-    d0 = tl.load(depths_ptr + s_base, mask=rmask, other=0.0).to(ACC)
-    c0 = tl.load(rgb_ptr + c_base, mask=cmask, other=0.0).to(ACC)
+    s0, d0, c0 = _sample(sigma_ptr, depths_ptr, rgb_ptr, s_base, c_base, 0, D, rmask, cmask, ACC)
     T = tl.full((BLOCK_R,), 1.0, ACC)
     prefix = tl.zeros((BLOCK_R,), ACC)
     prev_gs = tl.zeros((BLOCK_R,), ACC)  # the previous interval's gradient to its mid density
     prev_gc = tl.zeros((BLOCK_R, BLOCK_D), ACC)
     for i in range(0, S - 1):
-        s1 = tl.load(sigma_ptr + s_base + (i + 1), mask=rmask, other=0.0).to(ACC)
-        d1 = tl.load(depths_ptr + s_base + (i + 1), mask=rmask, other=0.0).to(ACC)
-        c1 = tl.load(rgb_ptr + c_base + (i + 1) * D, mask=cmask, other=0.0).to(ACC)
-        alpha, e, keep, t, delta, dsp_dx = _interval(s0, s1, d0, d1, density_bias, True)
+        s1, d1, c1 = _sample(sigma_ptr, depths_ptr, rgb_ptr, s_base, c_base, i + 1, D, rmask, cmask, ACC)
+        alpha, e, keep, t, delta, dsp_dx = _interval(s0, s1, d0, d1, density_bias, False, True)
         w = alpha * T
         G = tl.sum(g_c * (0.5 * (c0 + c1)), axis=1) + g_dscale * (t - depth) + g_base
         if HAS_GRAD_WEIGHTS:
@@ -244,8 +208,7 @@ def _composite_bwd_kernel(g_rgb_ptr, g_depth_ptr, g_opacity_ptr, g_weights_ptr, 
         g_s = g_sp * dsp_dx
         g_cm = w[:, None] * g_c
         if HAS_TARGET:
-            diff = target - t
-            k = tl.minimum(c_max, tl.maximum(s1_k * tl.exp(-(diff * diff) / s2_k), c_min))
+            k = _depth_kernel(target, t, s1_k, s2_k, c_min, c_max)
             g_s = g_s * k
             g_cm = g_cm * k[:, None]
         tl.store(grad_sigma_ptr + s_base + i, (0.5 * (prev_gs + g_s)).to(grad_sigma_ptr.dtype.element_ty),

@@ -54,6 +54,8 @@ from triton.runtime.errors import OutOfResources
 
 from .._params import RenderParams
 from .._types import Composite
+from ._common import (_bilinear, _depth_kernel, _depth_kernel_args, _interval, _nonfinite, _plane_coords, _scalar,
+                      _sigmoid, _softplus, _softplus_grad)
 
 # Launch heuristics (their one home). None of this was timed: no GPU was available while writing.
 # What was checked is what an sm_90 compile needs per thread (cuobjdump), with the settings below.
@@ -92,89 +94,8 @@ def _pad(n: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# Elementwise math (matches torch in value)
-# ---------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _softplus(x):
-    """torch.nn.functional.softplus(x) (beta 1, threshold 20): x above 20, else log1p(exp(x)).
-    log1p(y) = log(1+y) * y / ((1+y) - 1) keeps its accuracy for tiny y (no libdevice log1p in
-    the interpreter)."""
-    y = tl.exp(tl.minimum(x, 20.0))
-    u = 1.0 + y
-    lp = tl.where(u == 1.0, y, tl.log(u) * (y / tl.where(u == 1.0, 1.0, u - 1.0)))
-    # x != x keeps NaN (tl.minimum above would turn it into 20), as torch's softplus does.
-    return tl.where((x > 20.0) | (x != x), x, lp)
-
-
-@triton.jit
-def _softplus_grad(x):
-    """d softplus / dx as torch computes it: 1 above the threshold, else sigmoid(x)."""
-    return tl.where(x > 20.0, 1.0, 1.0 / (1.0 + tl.exp(-x)))
-
-
-@triton.jit
-def _scalar(hi, lo, CDT: tl.constexpr):
-    """A float argument in the compute dtype. Triton passes Python floats as float32, so float64
-    runs get each one as hi + lo (both float32; lo is 0 for float32 runs)."""
-    if CDT == tl.float64:
-        return (tl.zeros([], tl.float64) + hi) + lo  # (no .to: the interpreter passes Python floats)
-    else:
-        return hi
-
-
-@triton.jit
-def _sigmoid(x):
-    return 1.0 / (1.0 + tl.exp(-x))
-
-
-# ---------------------------------------------------------------------------------------------
 # Triplane sampling / its adjoint on a [BLOCK_R, CP] tile
 # ---------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _plane_coords(ux, uy, uz, p, PLANE_AXES: tl.constexpr):
-    """(a, b) = (width, height) coordinates of plane p (a runtime index): (x,y), (x,z), then (z,x)
-    for eg3d or (y,z) for xyz."""
-    if PLANE_AXES == 0:
-        a2 = uz
-        b2 = ux
-    else:
-        a2 = uy
-        b2 = uz
-    a = tl.where(p == 2, a2, ux)
-    b = tl.where(p == 0, uy, tl.where(p == 1, uz, b2))
-    return a, b
-
-
-@triton.jit
-def _bilinear(a, b, H, W):
-    """grid_sample (align_corners=False) corner indices, weights and in-bounds masks for [BR] coords.
-    The source index is clamped to [-2, size+1] first: outside that every corner is out of bounds
-    either way, and the clamp keeps far-away points from overflowing the int conversion."""
-    Wf = W * 1.0  # sizes may arrive as python ints (1 is specialised to a constant)
-    Hf = H * 1.0
-    ix = ((a + 1.0) * Wf - 1.0) * 0.5
-    iy = ((b + 1.0) * Hf - 1.0) * 0.5
-    ix = tl.minimum(tl.maximum(ix, -2.0), Wf + 1.0)
-    iy = tl.minimum(tl.maximum(iy, -2.0), Hf + 1.0)
-    x0f = tl.floor(ix)
-    y0f = tl.floor(iy)
-    wx1 = ix - x0f
-    wy1 = iy - y0f
-    wx0 = 1.0 - wx1
-    wy0 = 1.0 - wy1
-    x0 = x0f.to(tl.int32)
-    y0 = y0f.to(tl.int32)
-    x1 = x0 + 1
-    y1 = y0 + 1
-    vx0 = (x0 >= 0) & (x0 < W)
-    vx1 = (x1 >= 0) & (x1 < W)
-    vy0 = (y0 >= 0) & (y0 < H)
-    vy1 = (y1 >= 0) & (y1 < H)
-    return x0, y0, x1, y1, wx0, wy0, wx1, wy1, vx0, vy0, vx1, vy1
 
 
 @triton.jit
@@ -197,7 +118,7 @@ def _level_feats(ptr, H, W, bidx, ux, uy, uz, cc, cmask, rmask, C, CDT: tl.const
     out = tl.zeros([bidx.shape[0], cc.shape[0]], CDT)
     for p in range(3):  # a runtime loop: unrolled, the 12 gathers per level all stayed live at once
         a, b = _plane_coords(ux, uy, uz, p, PLANE_AXES)
-        x0, y0, x1, y1, wx0, wy0, wx1, wy1, vx0, vy0, vx1, vy1 = _bilinear(a, b, H, W)
+        x0, y0, x1, y1, wx0, wy0, wx1, wy1, vx0, vy0, vx1, vy1 = _bilinear(a, b, H, W, tl.int32)
         v00 = tl.load(ptr + _texel(bidx, p, cc, x0, y0, H, W, C, CL), mask=m & (vy0 & vx0)[:, None], other=0.0)
         v01 = tl.load(ptr + _texel(bidx, p, cc, x1, y0, H, W, C, CL), mask=m & (vy0 & vx1)[:, None], other=0.0)
         v10 = tl.load(ptr + _texel(bidx, p, cc, x0, y1, H, W, C, CL), mask=m & (vy1 & vx0)[:, None], other=0.0)
@@ -215,7 +136,7 @@ def _level_scatter(gptr, H, W, bidx, ux, uy, uz, df, cc, cmask, rmask, C, PLANE_
     g = df / 3.0
     for p in range(3):  # a runtime loop: unrolled, the 12 gathers per level all stayed live at once
         a, b = _plane_coords(ux, uy, uz, p, PLANE_AXES)
-        x0, y0, x1, y1, wx0, wy0, wx1, wy1, vx0, vy0, vx1, vy1 = _bilinear(a, b, H, W)
+        x0, y0, x1, y1, wx0, wy0, wx1, wy1, vx0, vy0, vx1, vy1 = _bilinear(a, b, H, W, tl.int32)
         tl.atomic_add(gptr + _texel(bidx, p, cc, x0, y0, H, W, C, CL), g * (wx0 * wy0)[:, None],
                       mask=m & (vy0 & vx0)[:, None])
         tl.atomic_add(gptr + _texel(bidx, p, cc, x1, y0, H, W, C, CL), g * (wx1 * wy0)[:, None],
@@ -230,12 +151,12 @@ def _level_scatter(gptr, H, W, bidx, ux, uy, uz, df, cc, cmask, rmask, C, PLANE_
 def _feats(planes, hs, ws, bidx, ux, uy, uz, cc, cmask, rmask, C, N_LEVELS: tl.constexpr,
            CDT: tl.constexpr, PLANE_AXES: tl.constexpr, CL: tl.constexpr):
     """Sum over levels: [BR, CP]. planes/hs/ws are tuples, one entry per level. A point with a
-    NaN/inf coordinate gets NaN features (u * 0 is NaN exactly then), as grid_sample in the
-    reference gives, so such a ray composites to NaN; _level_scatter adds nothing for it."""
+    NaN/inf coordinate gets NaN features (_nonfinite), as grid_sample in the reference gives, so
+    such a ray composites to NaN; _level_scatter adds nothing for it."""
     f = _level_feats(planes[0], hs[0], ws[0], bidx, ux, uy, uz, cc, cmask, rmask, C, CDT, PLANE_AXES, CL)
     for lv in tl.static_range(1, N_LEVELS):
         f += _level_feats(planes[lv], hs[lv], ws[lv], bidx, ux, uy, uz, cc, cmask, rmask, C, CDT, PLANE_AXES, CL)
-    return f + (ux * 0.0 + uy * 0.0 + uz * 0.0)[:, None]
+    return f + _nonfinite(ux, uy, uz)[:, None]
 
 
 @triton.jit
@@ -248,6 +169,26 @@ def _scatter(gplanes, hs, ws, bidx, ux, uy, uz, df, cc, cmask, rmask, C, N_LEVEL
 # ---------------------------------------------------------------------------------------------
 # Per-sample-tile pieces shared by the two kernels
 # ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _ranges(C, HID, D, CP: tl.constexpr, HP: tl.constexpr, DP: tl.constexpr):
+    """Index ranges over the padded channel, hidden and output (1 + D) widths, and their masks."""
+    cc = tl.arange(0, CP)
+    hh = tl.arange(0, HP)
+    jj = tl.arange(0, DP)
+    return cc, hh, jj, cc < C, hh < HID, jj < D + 1
+
+
+@triton.jit
+def _rays(ro_ptr, rd_ptr, g, rmask, CDT: tl.constexpr):
+    """Origins and directions [BR] each (ox, oy, oz, dx, dy, dz) of rays g (int64) from [*, 3] buffers."""
+    return (tl.load(ro_ptr + g * 3 + 0, mask=rmask, other=0.0).to(CDT),
+            tl.load(ro_ptr + g * 3 + 1, mask=rmask, other=0.0).to(CDT),
+            tl.load(ro_ptr + g * 3 + 2, mask=rmask, other=0.0).to(CDT),
+            tl.load(rd_ptr + g * 3 + 0, mask=rmask, other=0.0).to(CDT),
+            tl.load(rd_ptr + g * 3 + 1, mask=rmask, other=0.0).to(CDT),
+            tl.load(rd_ptr + g * 3 + 2, mask=rmask, other=0.0).to(CDT))
 
 
 @triton.jit
@@ -288,20 +229,6 @@ def _decode(f, w1t, b1v, w2t, b2v, jj, D, DOT_PREC: tl.constexpr):
     return pre, o, sig, c
 
 
-@triton.jit
-def _interval(sig_prev, sig, t_prev, t, density_bias, live):
-    """MipRayMarcher on the interval (prev, cur): mid depth, delta, the softplus argument, the
-    transmittance factor exp(-softplus * delta), alpha and the cumprod factor 1 - alpha + 1e-10
-    (1 on the dead interval before the first sample)."""
-    tm = 0.5 * (t_prev + t)
-    delta = t - t_prev
-    x = 0.5 * (sig_prev + sig) + density_bias
-    e = tl.exp(-_softplus(x) * delta)
-    alpha = 1.0 - e
-    om = tl.where(live, 1.0 - alpha + 1e-10, 1.0)
-    return tm, delta, x, e, alpha, om
-
-
 # ---------------------------------------------------------------------------------------------
 # Kernels
 # ---------------------------------------------------------------------------------------------
@@ -327,12 +254,7 @@ def _render_fwd_kernel(
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     n_blocks = tl.cdiv(n_rays, BLOCK_R)
-    cc = tl.arange(0, CP)
-    hh = tl.arange(0, HP)
-    jj = tl.arange(0, DP)
-    cmask = cc < C
-    hmask = hh < HID
-    jmask = jj < D + 1
+    cc, hh, jj, cmask, hmask, jmask = _ranges(C, HID, D, CP, HP, DP)
     if HOIST_W:
         w1t = _tile(w1_ptr, cc, hh, cmask, hmask, 1, C, CDT)  # [CP, HP] = w1.T
         w2t = _tile(w2_ptr, hh, jj, hmask, jmask, 1, HID, CDT)  # [HP, DP] = w2.T
@@ -346,12 +268,7 @@ def _render_fwd_kernel(
         g = blk * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)  # global ray index over B*R
         rmask = g < n_rays
         bidx = g // R  # batch index of each ray
-        ox = tl.load(ro_ptr + g * 3 + 0, mask=rmask, other=0.0).to(CDT)
-        oy = tl.load(ro_ptr + g * 3 + 1, mask=rmask, other=0.0).to(CDT)
-        oz = tl.load(ro_ptr + g * 3 + 2, mask=rmask, other=0.0).to(CDT)
-        dx = tl.load(rd_ptr + g * 3 + 0, mask=rmask, other=0.0).to(CDT)
-        dy = tl.load(rd_ptr + g * 3 + 1, mask=rmask, other=0.0).to(CDT)
-        dz = tl.load(rd_ptr + g * 3 + 2, mask=rmask, other=0.0).to(CDT)
+        ox, oy, oz, dx, dy, dz = _rays(ro_ptr, rd_ptr, g, rmask, CDT)
         t_prev = tl.load(dep_ptr + g * S, mask=rmask, other=0.0).to(CDT)
         sig_prev = tl.zeros([BLOCK_R], CDT)
         c_prev = tl.zeros([BLOCK_R, DP], CDT)
@@ -369,7 +286,8 @@ def _render_fwd_kernel(
             pre, o, sig, c = _decode(f, _weights(w1t, w1_ptr, cc, hh, cmask, hmask, 1, C, CDT, HOIST_W), b1v,
                                      _weights(w2t, w2_ptr, hh, jj, hmask, jmask, 1, HID, CDT, HOIST_W), b2v, jj, D,
                                      DOT_PREC)
-            tm, delta, x, e, alpha, om = _interval(sig_prev, sig, t_prev, t, density_bias, live)
+            alpha, e, keep, tm, delta, _ = _interval(sig_prev, sig, t_prev, t, density_bias, True, False)
+            om = tl.where(live, keep, 1.0)  # 1 on the dead interval before the first sample
             w = tl.where(live, alpha * T, 0.0)
             if STORE_OUT:
                 acc_c += w[:, None] * (0.5 * (c_prev + c))
@@ -436,21 +354,14 @@ def _render_bwd_kernel(
     decoder gradients are written once per program to pw1 [nprog, HP, CP], pb1 [nprog, HP],
     pw2 [nprog, DP, HP], pb2 [nprog, DP]."""
     scale = _scalar(scale_hi, scale_lo, CDT)
-    s1 = _scalar(s1_hi, s1_lo, CDT)
-    s2 = _scalar(s2_hi, s2_lo, CDT)
-    c_min = _scalar(cmin_hi, cmin_lo, CDT)
-    c_max = _scalar(cmax_hi, cmax_lo, CDT)
+    s1, s2, c_min, c_max = _depth_kernel_args(s1_hi, s1_lo, s2_hi, s2_lo, cmin_hi, cmin_lo, cmax_hi, cmax_lo,
+                                              CDT)
     density_bias = _scalar(bias_hi, bias_lo, CDT)
     eps = _scalar(eps_hi, eps_lo, CDT)
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     n_blocks = tl.cdiv(n_rays, BLOCK_R)
-    cc = tl.arange(0, CP)
-    hh = tl.arange(0, HP)
-    jj = tl.arange(0, DP)
-    cmask = cc < C
-    hmask = hh < HID
-    jmask = jj < D + 1
+    cc, hh, jj, cmask, hmask, jmask = _ranges(C, HID, D, CP, HP, DP)
     col = (jj >= 1) & (jj <= D)
     b1v = tl.load(b1_ptr + hh, mask=hmask, other=0.0).to(CDT)
     b2v = tl.load(b2_ptr + jj, mask=jmask, other=0.0).to(CDT)
@@ -472,12 +383,7 @@ def _render_bwd_kernel(
         g = blk * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
         rmask = g < n_rays
         bidx = g // R
-        ox = tl.load(ro_ptr + g * 3 + 0, mask=rmask, other=0.0).to(CDT)
-        oy = tl.load(ro_ptr + g * 3 + 1, mask=rmask, other=0.0).to(CDT)
-        oz = tl.load(ro_ptr + g * 3 + 2, mask=rmask, other=0.0).to(CDT)
-        dx = tl.load(rd_ptr + g * 3 + 0, mask=rmask, other=0.0).to(CDT)
-        dy = tl.load(rd_ptr + g * 3 + 1, mask=rmask, other=0.0).to(CDT)
-        dz = tl.load(rd_ptr + g * 3 + 2, mask=rmask, other=0.0).to(CDT)
+        ox, oy, oz, dx, dy, dz = _rays(ro_ptr, rd_ptr, g, rmask, CDT)
         cmask2 = rmask[:, None] & col[None, :]
         g_rgb = tl.load(grgb_ptr + g[:, None] * D + (jj[None, :] - 1), mask=cmask2, other=0.0).to(CDT)
         o_rgb = tl.load(orgb_ptr + g[:, None] * D + (jj[None, :] - 1), mask=cmask2, other=0.0).to(CDT)
@@ -517,7 +423,8 @@ def _render_bwd_kernel(
             pre, o, sig, c = _decode(f, _weights(w1t, w1_ptr, cc, hh, cmask, hmask, 1, C, CDT, HOIST_W), b1v,
                                      _weights(w2t, w2_ptr, hh, jj, hmask, jmask, 1, HID, CDT, HOIST_W), b2v, jj, D,
                                      DOT_PREC)
-            tm, delta, x, e, alpha, om = _interval(sig_prev, sig, t_prev, t, density_bias, live)
+            alpha, e, keep, tm, delta, x = _interval(sig_prev, sig, t_prev, t, density_bias, True, False)
+            om = tl.where(live, keep, 1.0)  # 1 on the dead interval before the first sample
             w = tl.where(live, alpha * T, 0.0)
             dldw = tl.sum(g_rgb * (0.5 * (c_prev + c)), axis=1) + g_d * (tm - o_d) / E + g_op
             if HAS_GW:
@@ -527,8 +434,7 @@ def _render_bwd_kernel(
             dsm = (T * dldw * e - suffix * (e / om)) * delta * _softplus_grad(x)
             dsm = tl.where(live & rmask, dsm, 0.0)
             if HAS_TARGET:
-                k = s1 * tl.exp(-((tgt - tm) * (tgt - tm)) / s2)
-                k = tl.minimum(tl.maximum(k, c_min), c_max)
+                k = _depth_kernel(tgt, tm, s1, s2, c_min, c_max)
             else:
                 k = tl.full([BLOCK_R], 1.0, CDT)
             dsm = dsm * k

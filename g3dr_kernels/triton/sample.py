@@ -41,6 +41,7 @@ import triton.language as tl
 from .._backend import triton_interpreting
 from .._params import SampleParams
 from .._types import PLANE_COORDS
+from ._common import _axis, _bilinear, _nonfinite, _pick
 
 LEVELS_PER_LAUNCH = 4  # level pointers one kernel launch takes; more levels -> several launches
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -59,45 +60,17 @@ _MAX_ELEMS_PER_THREAD = 16
 
 
 @triton.jit
-def _pick(i, x0, x1, x2, x3):
-    """x_i for an index i in 0..3 known only at run time (pointers, sizes or axis codes)."""
-    return tl.where(i == 0, x0, tl.where(i == 1, x1, tl.where(i == 2, x2, x3)))
-
-
-@triton.jit
-def _axis(ux, uy, uz, k):
-    """Coordinate k (0 x, 1 y, 2 z; a run-time scalar) of u, per point."""
-    return tl.where(k == 0, ux, tl.where(k == 1, uy, uz))
-
-
-@triton.jit
-def _bilinear(a, b, H, W, nmask):
-    """Corner offsets (int64, within one H x W plane), weights and in-bounds masks for plane
-    coordinates a (width) and b (height) in [-1, 1], align_corners=False."""
-    ix = ((a + 1.0) * W - 1.0) * 0.5
-    iy = ((b + 1.0) * H - 1.0) * 0.5
-    # Clamp so the integer conversion cannot overflow: a coordinate clamped to -2 or W+1 has both
-    # of its corners outside, as it had before, so values and gradients do not change.
-    ix = tl.minimum(tl.maximum(ix, -2.0), W + 1.0)
-    iy = tl.minimum(tl.maximum(iy, -2.0), H + 1.0)
-    x0f = tl.floor(ix)
-    y0f = tl.floor(iy)
-    wx1 = ix - x0f
-    wy1 = iy - y0f
-    wx0 = 1.0 - wx1
-    wy0 = 1.0 - wy1
-    x0 = x0f.to(tl.int64)
-    y0 = y0f.to(tl.int64)
-    x1 = x0 + 1
-    y1 = y0 + 1
-    mx0 = (x0 >= 0) & (x0 < W)
-    mx1 = (x1 >= 0) & (x1 < W)
-    my0 = (y0 >= 0) & (y0 < H) & nmask
-    my1 = (y1 >= 0) & (y1 < H) & nmask
+def _bilinear_offsets(a, b, H, W, nmask):
+    """Corner offsets (int64, within one H x W plane) in the order (x0,y0), (x1,y0), (x0,y1), (x1,y1),
+    weights wx0, wx1, wy0, wy1 and the corners' masks (in bounds and a live point) for plane
+    coordinates a (width) and b (height) in [-1, 1], align_corners=False (taps: _common._bilinear)."""
+    x0, y0, x1, y1, wx0, wy0, wx1, wy1, vx0, vy0, vx1, vy1 = _bilinear(a, b, H, W, tl.int64)
+    my0 = vy0 & nmask
+    my1 = vy1 & nmask
     r0 = y0 * W
     r1 = y1 * W
     return (r0 + x0, r0 + x1, r1 + x0, r1 + x1, wx0, wx1, wy0, wy1,
-            mx0 & my0, mx1 & my0, mx0 & my1, mx1 & my1)
+            vx0 & my0, vx1 & my0, vx0 & my1, vx1 & my1)
 
 
 @triton.jit
@@ -127,14 +100,32 @@ def _step(i, pid_b, C, cidx, ux, uy, uz, L0, L1, L2, L3, H0, W0, H1, W1, H2, W2,
 
 
 @triton.jit
-def _load_points(xyz_ptr, pid_b, n, nmask, N, scale_hi, scale_lo, ACC: tl.constexpr):
-    """u = scale * xyz for BLOCK_N points; scale = scale_hi + scale_lo (scale_lo != 0 only for
-    float64, where one float32 scalar would lose precision)."""
+def _program_tile(xyz_ptr, N, C, scale_hi, scale_lo, ACC: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_C: tl.constexpr):
+    """This program's tile: batch element pid_b, points n [BLOCK_N] (int64) and their mask, channels
+    cidx [BLOCK_C] and their [BLOCK_C, 1] mask, and u = scale * xyz of its points (ux, uy, uz);
+    scale = scale_hi + scale_lo (scale_lo != 0 only for float64, where one float32 scalar would lose
+    precision)."""
+    pid_b = tl.program_id(2)
+    n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = n < N
+    cidx = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     p = xyz_ptr + (pid_b.to(tl.int64) * N + n) * 3
     ux = tl.load(p, mask=nmask, other=0.0).to(ACC)
     uy = tl.load(p + 1, mask=nmask, other=0.0).to(ACC)
     uz = tl.load(p + 2, mask=nmask, other=0.0).to(ACC)
-    return ux * scale_hi + ux * scale_lo, uy * scale_hi + uy * scale_lo, uz * scale_hi + uz * scale_lo
+    return (pid_b, n, nmask, cidx, (cidx < C)[:, None],
+            ux * scale_hi + ux * scale_lo, uy * scale_hi + uy * scale_lo, uz * scale_hi + uz * scale_lo)
+
+
+@triton.jit
+def _corners(ptr, o00, o10, o01, o11, m00, m10, m01, m11, cm, ACC: tl.constexpr):
+    """The 4 corner values [BLOCK_C, BLOCK_N] at offsets o.. from ptr (channel offsets already in ptr),
+    zero where a corner's mask is off, in the accumulation dtype."""
+    return (tl.load(ptr + o00[None, :], mask=m00[None, :] & cm, other=0.0).to(ACC),
+            tl.load(ptr + o10[None, :], mask=m10[None, :] & cm, other=0.0).to(ACC),
+            tl.load(ptr + o01[None, :], mask=m01[None, :] & cm, other=0.0).to(ACC),
+            tl.load(ptr + o11[None, :], mask=m11[None, :] & cm, other=0.0).to(ACC))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,26 +139,19 @@ def _sample_fwd_kernel(xyz_ptr, out_ptr, L0, L1, L2, L3, H0, W0, H1, W1, H2, W2,
                        PA2: tl.constexpr, PB2: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_C: tl.constexpr):
     """out[b, n, c] = 1/3 sum_planes sum_levels bilinear(level[b, plane, c], u_a, u_b), n_levels <= 4."""
-    pid_b = tl.program_id(2)
-    n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    nmask = n < N
-    cidx = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cm = (cidx < C)[:, None]
-    ux, uy, uz = _load_points(xyz_ptr, pid_b, n, nmask, N, scale_hi, scale_lo, ACC)
+    pid_b, n, nmask, cidx, cm, ux, uy, uz = _program_tile(xyz_ptr, N, C, scale_hi, scale_lo, ACC, BLOCK_N,
+                                                          BLOCK_C)
     acc = tl.zeros((BLOCK_C, BLOCK_N), dtype=ACC)
     for i in tl.range(0, 3 * n_levels):
         lvl, off, chan, H, W, ka, kb, a, b = _step(i, pid_b, C, cidx, ux, uy, uz, L0, L1, L2, L3, H0, W0, H1, W1,
                                                    H2, W2, H3, W3, PA0, PB0, PA1, PB1, PA2, PB2)
-        o00, o10, o01, o11, wx0, wx1, wy0, wy1, m00, m10, m01, m11 = _bilinear(a, b, H, W, nmask)
+        o00, o10, o01, o11, wx0, wx1, wy0, wy1, m00, m10, m01, m11 = _bilinear_offsets(a, b, H, W, nmask)
         ptr = _pick(lvl, L0, L1, L2, L3) + off + chan[:, None]
-        v00 = tl.load(ptr + o00[None, :], mask=m00[None, :] & cm, other=0.0).to(ACC)
-        v10 = tl.load(ptr + o10[None, :], mask=m10[None, :] & cm, other=0.0).to(ACC)
-        v01 = tl.load(ptr + o01[None, :], mask=m01[None, :] & cm, other=0.0).to(ACC)
-        v11 = tl.load(ptr + o11[None, :], mask=m11[None, :] & cm, other=0.0).to(ACC)
+        v00, v10, v01, v11 = _corners(ptr, o00, o10, o01, o11, m00, m10, m01, m11, cm, ACC)
         acc += (v00 * wx0[None, :] + v10 * wx1[None, :]) * wy0[None, :]
         acc += (v01 * wx0[None, :] + v11 * wx1[None, :]) * wy1[None, :]
-    # u * 0 is NaN exactly when a coordinate is not finite: such points give NaN, as in the reference
-    acc = acc * (1.0 / 3.0) + (ux * 0.0 + uy * 0.0 + uz * 0.0)[None, :]
+    # points with a coordinate that is not finite give NaN, as in the reference
+    acc = acc * (1.0 / 3.0) + _nonfinite(ux, uy, uz)[None, :]
     optr = out_ptr + (pid_b.to(tl.int64) * N + n[None, :]) * C + cidx[:, None]
     tl.store(optr, acc.to(out_ptr.dtype.element_ty), mask=nmask[None, :] & cm)
 
@@ -179,12 +163,8 @@ def _sample_bwd_kernel(grad_ptr, xyz_ptr, gxyz_ptr, L0, L1, L2, L3, G0, G1, G2, 
                        ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
     """G_l[b, plane, c, y, x] += w * grad[b, n, c] / 3 over the 4 corners (atomics);
     gxyz[b, n, :] += d(sum_c grad * out) / d xyz over this block's channels (atomics, NEED_XYZ)."""
-    pid_b = tl.program_id(2)
-    n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    nmask = n < N
-    cidx = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cm = (cidx < C)[:, None]
-    ux, uy, uz = _load_points(xyz_ptr, pid_b, n, nmask, N, scale_hi, scale_lo, ACC)
+    pid_b, n, nmask, cidx, cm, ux, uy, uz = _program_tile(xyz_ptr, N, C, scale_hi, scale_lo, ACC, BLOCK_N,
+                                                          BLOCK_C)
     gptr = grad_ptr + (pid_b.to(tl.int64) * N + n[None, :]) * C + cidx[:, None]
     g = tl.load(gptr, mask=nmask[None, :] & cm, other=0.0).to(ACC) * (1.0 / 3.0)
     gx = tl.zeros_like(ux)
@@ -193,7 +173,7 @@ def _sample_bwd_kernel(grad_ptr, xyz_ptr, gxyz_ptr, L0, L1, L2, L3, G0, G1, G2, 
     for i in tl.range(0, 3 * n_levels):
         lvl, off, chan, H, W, ka, kb, a, b = _step(i, pid_b, C, cidx, ux, uy, uz, L0, L1, L2, L3, H0, W0, H1, W1,
                                                    H2, W2, H3, W3, PA0, PB0, PA1, PB1, PA2, PB2)
-        o00, o10, o01, o11, wx0, wx1, wy0, wy1, m00, m10, m01, m11 = _bilinear(a, b, H, W, nmask)
+        o00, o10, o01, o11, wx0, wx1, wy0, wy1, m00, m10, m01, m11 = _bilinear_offsets(a, b, H, W, nmask)
         gp = _pick(lvl, G0, G1, G2, G3) + off + chan[:, None]
         tl.atomic_add(gp + o00[None, :], g * (wx0 * wy0)[None, :], mask=m00[None, :] & cm, sem="relaxed")
         tl.atomic_add(gp + o10[None, :], g * (wx1 * wy0)[None, :], mask=m10[None, :] & cm, sem="relaxed")
@@ -201,10 +181,7 @@ def _sample_bwd_kernel(grad_ptr, xyz_ptr, gxyz_ptr, L0, L1, L2, L3, G0, G1, G2, 
         tl.atomic_add(gp + o11[None, :], g * (wx1 * wy1)[None, :], mask=m11[None, :] & cm, sem="relaxed")
         if NEED_XYZ:
             ptr = _pick(lvl, L0, L1, L2, L3) + off + chan[:, None]
-            v00 = tl.load(ptr + o00[None, :], mask=m00[None, :] & cm, other=0.0).to(ACC)
-            v10 = tl.load(ptr + o10[None, :], mask=m10[None, :] & cm, other=0.0).to(ACC)
-            v01 = tl.load(ptr + o01[None, :], mask=m01[None, :] & cm, other=0.0).to(ACC)
-            v11 = tl.load(ptr + o11[None, :], mask=m11[None, :] & cm, other=0.0).to(ACC)
+            v00, v10, v01, v11 = _corners(ptr, o00, o10, o01, o11, m00, m10, m01, m11, cm, ACC)
             # d bilinear / d ix and / d iy, times d ix / d a = W/2 and d iy / d b = H/2
             dx = (v10 - v00) * wy0[None, :] + (v11 - v01) * wy1[None, :]
             dy = (v01 - v00) * wx0[None, :] + (v11 - v10) * wx1[None, :]
@@ -216,7 +193,7 @@ def _sample_bwd_kernel(grad_ptr, xyz_ptr, gxyz_ptr, L0, L1, L2, L3, G0, G1, G2, 
     if NEED_XYZ:
         # times scale as hi + lo term by term: the float32 scalars' sum would round lo away again,
         # leaving float64 runs with a float32 scale (relative error ~3e-8 for box_warp = 3)
-        nonfinite = ux * 0.0 + uy * 0.0 + uz * 0.0  # NaN for points that are not finite, else 0
+        nonfinite = _nonfinite(ux, uy, uz)
         p = gxyz_ptr + (pid_b.to(tl.int64) * N + n) * 3
         tl.atomic_add(p, gx * scale_hi + gx * scale_lo + nonfinite, mask=nmask, sem="relaxed")
         tl.atomic_add(p + 1, gy * scale_hi + gy * scale_lo + nonfinite, mask=nmask, sem="relaxed")
