@@ -108,3 +108,18 @@ def test_paper_lr_and_clip_ramp():
     assert schedules.loss_weights(cfg, 50_000)["novel"]["clip"] == pytest.approx((0.02 + 0.35) / 2)
     assert schedules.loss_weights(cfg, 100_000)["novel"]["clip"] == pytest.approx(0.35)
     assert Config().schedule.lr_schedule == "onecycle"
+
+
+def test_render_section_embeds_the_renderer_options():
+    from g3dr_kernels.nn import RendererOptions
+    from g3dr.model import G3DR
+    cfg = preset("tiny")
+    assert isinstance(cfg.render, RendererOptions)
+    model = G3DR(cfg)
+    # "replace": the fine samples become the target samples, so the renderer gets no extra ones
+    assert model.renderer.options == RendererOptions.build(cfg.render, n_target=0)
+    assert apply_overrides(cfg, ["render.ray_start=4", "render.ray_end=6"]).render.renderer_options().ray_end == 6.0
+    with pytest.raises(ValueError, match=r"render\.ray_start < render\.ray_end"):
+        apply_overrides(cfg, ["render.ray_start=4"])
+    with pytest.raises(ValueError, match=r"render\.kernel_\*: kernel_s2 must be > 0"):
+        apply_overrides(cfg, ["render.kernel_s2=0"])

@@ -210,3 +210,18 @@ def test_renderer_density_noise():
     n_coarse = torch.randn(1, 4 * 5, 1, generator=g).reshape(1, 4, 5) * 0.5
     eq = (depths.unsqueeze(-1) == coarse.unsqueeze(-2)).to(noise.dtype)  # [B,R,S,5]
     torch.testing.assert_close((eq * noise.unsqueeze(-1)).sum(-2), n_coarse)
+
+
+def test_renderer_options_are_one_block():
+    from g3dr_kernels.nn import RendererOptions
+    dec = TriplaneDecoder(4)
+    opts = RendererOptions(n_coarse=8, n_fine=4, sampling="eg3d", target_mode="replace", backend="torch")
+    r = TriplaneRenderer(dec, opts, n_fine=6)  # a keyword replaces one field of the block
+    assert r.options == RendererOptions(n_coarse=8, n_fine=6, sampling="eg3d", target_mode="replace", backend="torch")
+    still = r.with_options(sampling="uniform").eval()
+    assert still.decoder is dec and still.kernel is r.kernel and r.sampling == "eg3d"
+    assert still.options == RendererOptions(**{**vars(r.options), "sampling": "uniform"})
+    with pytest.raises(TypeError, match=r"unknown renderer option\(s\) \['n_corase'\]"):
+        TriplaneRenderer(dec, n_corase=8)
+    with pytest.raises(ValueError, match=r"^render\.n_coarse must be >= 4, got 2"):
+        RendererOptions.build(opts, prefix="render.", n_coarse=2)
