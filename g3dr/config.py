@@ -38,7 +38,9 @@ class ModelConfig:
     decoder_hidden: int = 64
     decoder_lr_mul: float = 1.0
     plane_layout: str = "native"        # "native": U-Net output is the planes (official); "image": each plane's
-                                        # grid turned so its axes line up with the input image's (g3dr/model.py)
+                                        # grid turned so its axes line up with the input image's; "lift": each
+                                        # pixel's features splatted at its 3D point (depth) in every plane
+                                        # (g3dr/model.py: PlaneLift)
 
 
 @dataclass
@@ -310,7 +312,7 @@ def validate(cfg: Config) -> None:
         if w % m.groups:
             raise ValueError(f"U-Net width {w} (model.base_width x width_mults) is not divisible by model.groups="
                              f"{m.groups}")
-    _check_choice("model.plane_layout", m.plane_layout, ("native", "image"))
+    _check_choice("model.plane_layout", m.plane_layout, ("native", "image", "lift"))
     _check_choice("render.sampling", r.sampling, SAMPLINGS)
     _check_choice("render.target_mode", r.target_mode, TARGET_MODES)
     r.renderer_options()  # validates every renderer option

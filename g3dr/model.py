@@ -261,6 +261,78 @@ def orient_planes(grid: torch.Tensor, orientation) -> torch.Tensor:
     return torch.stack(planes, 1)
 
 
+def splat_planes(feats: torch.Tensor, uv: torch.Tensor, height: int, width: int
+                 ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Bilinear splat, the transpose of the renderer's bilinear sample (align_corners=False, nothing
+    outside the grid): feats [B,3,N,C] (one feature per point and plane), uv [B,3,N,2] plane coordinates
+    in [-1,1] in grid_sample order (w, h) -> (summed features [B,3,C,H,W], summed weights [B,3,1,H,W])."""
+    B, P, N, C = feats.shape
+    if uv.shape != (B, P, N, 2):
+        raise ValueError(f"splat_planes: uv must be [B,3,N,2] = {[B, P, N, 2]}, got {list(uv.shape)}")
+    tx = ((uv[..., 0] + 1) * width - 1) / 2                       # texel coordinates, centres at integers
+    ty = ((uv[..., 1] + 1) * height - 1) / 2
+    x0, y0 = tx.floor(), ty.floor()
+    fx, fy = tx - x0, ty - y0
+    base = torch.arange(B * P, device=feats.device).reshape(B, P, 1) * (height * width)
+    out = feats.new_zeros(B * P * height * width, C)
+    wsum = feats.new_zeros(B * P * height * width)
+    src = feats.reshape(-1, C)
+    for dy, dx in ((0, 0), (0, 1), (1, 0), (1, 1)):
+        x, y = x0 + dx, y0 + dy
+        w = (fx if dx else 1 - fx) * (fy if dy else 1 - fy)
+        w = w * ((x >= 0) & (x < width) & (y >= 0) & (y < height)).to(w.dtype)
+        idx = (base + y.clamp(0, height - 1).long() * width + x.clamp(0, width - 1).long()).reshape(-1)
+        w = w.reshape(-1)
+        out.index_add_(0, idx, src * w[:, None].to(src.dtype))
+        wsum.index_add_(0, idx, w.to(wsum.dtype))
+    out = out.reshape(B, P, height, width, C).permute(0, 1, 4, 2, 3)
+    return out, wsum.reshape(B, P, 1, height, width)
+
+
+class PlaneLift(nn.Module):
+    """model.plane_layout="lift": the U-Net's output grids are laid out like the input image; each
+    pixel's features (one vector per plane) are placed at the pixel's 3D point (canonical ray x input
+    depth), projected into each plane with the renderer's own `project` and splatted bilinearly, then
+    averaged per texel. The frontal plane then holds the image at the right scale for every depth, and
+    the side planes hold each pixel's features at its depth, which a U-Net cannot place by itself (a
+    scatter along depth). A small residual conv per plane (fed the coverage as well, its last layer
+    zero-initialised) spreads the features into texels no pixel reached (hidden parts, the box rim)."""
+
+    def __init__(self, channels: int, size: int, plane_axes: str, radius: float, fov: float, box_warp: float,
+                 hidden: int = 0):
+        super().__init__()
+        self.size, self.plane_axes, self.box_warp = size, plane_axes, box_warp
+        o, d = g3dr_rays(g3dr_cam2world(math.pi / 2, math.pi / 2, radius), fov, size)
+        self.register_buffer("rays_o", o, persistent=False)          # [1, size*size, 3] canonical rays
+        self.register_buffer("rays_d", d, persistent=False)
+        h = hidden or channels
+        P = 3  # one conv stack per plane (grouped convolutions)
+        self.refine = nn.Sequential(nn.Conv2d(P * (channels + 1), P * h, 3, padding=1, groups=P), nn.SiLU(),
+                                    nn.Conv2d(P * h, P * h, 3, padding=2, dilation=2, groups=P), nn.SiLU(),
+                                    nn.Conv2d(P * h, P * channels, 3, padding=1, groups=P))
+        nn.init.zeros_(self.refine[-1].weight)
+        nn.init.zeros_(self.refine[-1].bias)
+
+    def splat(self, grid: torch.Tensor, depth: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """grid [B,3,C,H,W] in image layout, depth [B,1,H,W] (distance along the canonical rays)
+        -> (planes [B,3,C,H,W]: per-texel mean of the splatted features, coverage [B,3,1,H,W]: summed weights)."""
+        B, P, C, H, W = grid.shape
+        if (H, W) != (self.size, self.size) or depth.shape != (B, 1, H, W):
+            raise ValueError(f"plane lift: expected grid [B,3,C,{self.size},{self.size}] and depth [B,1,{self.size},"
+                             f"{self.size}], got {list(grid.shape)} and {list(depth.shape)}")
+        pts = self.rays_o + depth.reshape(B, H * W, 1).to(self.rays_d.dtype) * self.rays_d      # [B, N, 3]
+        uv = reference.project(pts, self.box_warp, self.plane_axes)                              # [B, 3, N, 2]
+        feats = grid.reshape(B, P, C, H * W).transpose(2, 3)                                     # [B, 3, N, C]
+        summed, wsum = splat_planes(feats, uv.to(feats.dtype), H, W)
+        return summed / wsum.clamp_min(1e-3), wsum
+
+    def forward(self, grid: torch.Tensor, depth: torch.Tensor) -> torch.Tensor:
+        planes, wsum = self.splat(grid, depth)
+        B, P, C, H, W = planes.shape
+        x = torch.cat([planes, wsum.clamp_max(1.0)], 2).reshape(B, P * (C + 1), H, W)
+        return planes + self.refine(x).reshape(B, P, C, H, W)
+
+
 # A kernel equal to 1 everywhere: target samples are still taken, no gradient is rescaled.
 _NO_KERNEL = DepthKernel(s1=1.0, s2=1.0, c_min=1.0, c_max=1.0)
 
@@ -281,6 +353,9 @@ class G3DR(nn.Module):
         # plane_layout="image": the U-Net's output grids are laid out like the input image, turned here
         self.orientation = (image_plane_orientation(r.plane_axes, r.radius, r.fov, r.box_warp)
                             if m.plane_layout == "image" else None)
+        # plane_layout="lift": each pixel's features placed at its 3D point in every plane
+        self.lift = (PlaneLift(m.plane_channels, m.image_size, r.plane_axes, r.radius, r.fov, r.box_warp)
+                     if m.plane_layout == "lift" else None)
 
     def make_renderer(self, n_coarse: Optional[int] = None, n_fine: Optional[int] = None,
                       backend: Optional[str] = None, sampling: Optional[str] = None) -> TriplaneRenderer:
@@ -296,6 +371,8 @@ class G3DR(nn.Module):
     def planes(self, image: torch.Tensor, depth: torch.Tensor) -> torch.Tensor:
         """image [B,3,H,W] in [0,1], depth [B,1,H,W] -> planes [B,3,C,H,W] (float32)."""
         grid = self.generator(image * 2 - 1, depth).float()
+        if self.lift is not None:
+            return self.lift(grid, depth.float())
         return grid if self.orientation is None else orient_planes(grid, self.orientation)
 
     def forward(self, image, depth, rays_o, rays_d, target_depth=None, generator=None, return_weights: bool = False

@@ -16,7 +16,7 @@ from g3dr.depthio import write_depth_png
 from g3dr.heldout import covisible, held_out_indices, opacity_in_front, score_scene
 from g3dr.losses import free_space_loss
 from g3dr.metrics import depth_split
-from g3dr.model import G3DR, image_plane_orientation, orient_planes
+from g3dr.model import G3DR, PlaneLift, image_plane_orientation, orient_planes, splat_planes
 from g3dr.synthetic import cast, make_scene, render_view
 from g3dr.train import init_weights, interval, train
 from g3dr_kernels import reference
@@ -81,6 +81,68 @@ def test_native_layout_is_the_generator_output():
     grid = m2.generator(img * 2 - 1, dep).float()
     assert torch.equal(m2.planes(img, dep), orient_planes(grid, m2.orientation))
     assert not torch.equal(m2.planes(img, dep), grid)
+
+
+
+def test_splat_is_the_transpose_of_the_bilinear_sample():
+    """<splat(f), g> == <f, sample(g)> for the renderer's sample (bilinear, align_corners=False, zeros
+    outside), points inside, on the rim and outside the grid; the weights are the splat of ones."""
+    torch.manual_seed(0)
+    B, P, N, C, H, W = 2, 3, 60, 4, 7, 9
+    f = torch.randn(B, P, N, C, dtype=torch.float64)
+    uv = torch.rand(B, P, N, 2, dtype=torch.float64) * 2.4 - 1.2
+    g = torch.randn(B, P, C, H, W, dtype=torch.float64)
+    summed, wsum = splat_planes(f, uv, H, W)
+    sample = torch.nn.functional.grid_sample(g.reshape(B * P, C, H, W), uv.reshape(B * P, 1, N, 2),
+                                             align_corners=False).reshape(B, P, C, N).transpose(2, 3)
+    assert torch.allclose((summed * g).sum(), (f * sample).sum(), rtol=1e-12)
+    ones = torch.nn.functional.grid_sample(torch.ones(B * P, 1, H, W, dtype=torch.float64), uv.reshape(B * P, 1, N, 2),
+                                           align_corners=False)
+    assert torch.allclose(wsum.sum(), ones.sum(), rtol=1e-12)
+    # a point on a texel centre lands on that texel alone
+    one = torch.tensor([[[[(2 * 3 + 1) / W - 1, (2 * 5 + 1) / H - 1]]]], dtype=torch.float64).expand(1, 3, 1, 2)
+    s1, w1 = splat_planes(torch.ones(1, 3, 1, 1, dtype=torch.float64), one, H, W)
+    assert w1[0, :, 0, 5, 3].tolist() == [1.0] * 3 and w1.sum() == 3
+
+
+def test_lift_layout_puts_each_pixel_at_its_depth():
+    """plane_layout=lift: the lifted planes, sampled at the canonical pixels' 3D points (ray x depth), give
+    back each pixel's own features where no other pixel shares its texel: on the frontal (y, z) plane for
+    a flat wall, and every plane's texels follow the depth (a pixel moved deeper moves on the side planes)."""
+    H = 16
+    lift = PlaneLift(2, H, "xyz", 5.0, 18.0, 2.0).double()
+    feats = _index_grid(H)[None, None].expand(1, 3, 2, H, H)
+    depth = torch.full((1, 1, H, H), 5.3, dtype=torch.float64)
+    planes, cover = lift.splat(feats, depth)
+    o, d = g3dr_rays(g3dr_cam2world(math.pi / 2, math.pi / 2, 5.0, dtype=torch.float64), 18.0, H)
+    uv = reference.project(o + 5.3 * d, 2.0, "xyz")[0]                                    # [3, N, 2]
+    back = torch.nn.functional.grid_sample(planes[0, 2:3], uv[2:3, None], align_corners=False)[0, :, 0]
+    want = feats[0, 2].reshape(2, -1)
+    inner = (cover[0, 2, 0] > 0).float()
+    # the frontal plane: row / column index read back to within the texel mixing of bilinear splat + sample
+    assert (back - want).abs().mean() < 0.6 and (back - want).abs().max() < 1.5
+    assert inner.sum() > 0.5 * H * H                                                     # the image covers the plane
+    # a deeper wall: the side planes' covered texels move along the depth axis, the frontal one does not move
+    planes2, cover2 = lift.splat(feats, torch.full((1, 1, H, H), 5.6, dtype=torch.float64))
+    for p in (0, 1):
+        assert not torch.equal(cover[0, p] > 0, cover2[0, p] > 0)
+    # zero-initialised refinement: the model's planes are the lifted ones at initialisation
+    assert torch.allclose(lift(feats, depth), planes)
+    with pytest.raises(ValueError, match="plane lift"):
+        lift.splat(feats, torch.full((1, 1, H, H + 1), 5.3, dtype=torch.float64))
+
+
+def test_lift_layout_in_the_model_and_config():
+    torch.manual_seed(0)
+    cfg = apply_overrides(preset("tiny"), ["model.plane_layout=lift"])
+    m = G3DR(cfg).eval()
+    img, dep = torch.rand(1, 3, 16, 16), torch.full((1, 1, 16, 16), 5.0)
+    assert m.lift is not None and m.orientation is None
+    assert torch.equal(m.planes(img, dep), m.lift(m.generator(img * 2 - 1, dep).float(), dep))
+    assert any(k.startswith("lift.refine") for k in m.state_dict())
+    assert not any("rays_" in k for k in m.state_dict())                                # derived, not stored
+    with pytest.raises(ValueError, match="plane_layout"):
+        apply_overrides(preset("tiny"), ["model.plane_layout=lifted"])
 
 
 # ------------------------------------------------------------------------------------ diagnostics
