@@ -49,10 +49,14 @@ def _met(v, target, higher) -> str:
 
 def real_images(model_path: str, data: str, steps: int, work: Path, seed: int) -> dict:
     """Fine-tune on the folder, then evaluate the input view and novel views."""
-    cfg_arg = "fast"
     src = Path(model_path)
     if src.is_dir() and (src / "config.yaml").is_file():
         cfg_arg = str(src / "config.yaml")
+    else:  # a model file: fine-tune with the config it was trained with (kept in the file)
+        from g3dr.config import save_yaml
+        work.mkdir(parents=True, exist_ok=True)
+        cfg_arg = str(work / "model_config.yaml")
+        save_yaml(load(model_path, device="cpu").cfg, cfg_arg)
     run = work / "finetune"
     cmd = [sys.executable, "-m", "g3dr", "train", "--config", cfg_arg, "--init", str(src), "--data", data,
            "--out", str(run), "--overwrite", "--quiet", "--max-steps", str(steps), f"train.seed={seed}",

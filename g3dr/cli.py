@@ -124,7 +124,7 @@ def _run_demo(args, p) -> None:
 def _train_args(t) -> None:
     t.description = ("Train G3DR. Any config field can be overridden as section.key=value, e.g. "
                      "train.steps=1000 train.batch_size=4 train.save_every=100 loss.w_tv=0.")
-    t.add_argument("--config", default="small", help="preset (official, paper, small, tiny) or a YAML file")
+    t.add_argument("--config", default="small", help="preset (official, paper, small, fast, tiny) or a YAML file")
     t.add_argument("--data", default=None, help="'synthetic' or a folder of name.jpg + name_depth.png "
                                                 "(default: the config's data.source)")
     t.add_argument("--out", required=True, help="run folder (config.yaml, stats.jsonl, checkpoints/, images/)")
