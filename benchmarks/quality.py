@@ -105,7 +105,9 @@ def main(argv=None) -> dict:
                             "per_scene": [{k: v for k, v in sc.items() if k != "views"} for sc in s["scenes"]]}}
     if a.real:
         report["real"] = real_images(a.model, a.real, a.finetune_steps, Path(a.work), a.seed)
-    lines = [f"# Quality of `{a.model}`", "",
+    shown = Path(a.model).resolve()
+    shown = shown.relative_to(ROOT) if shown.is_relative_to(ROOT) else Path(a.model)
+    lines = [f"# Quality of `{shown}`", "",
              f"Machine: {report['machine']['machine']}; torch {report['machine']['torch']}; commit "
              f"{report['machine']['commit']}; {report['date']}. Command: `python benchmarks/quality.py "
              f"{' '.join(argv if argv is not None else sys.argv[1:])}`.", "",
