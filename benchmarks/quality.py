@@ -100,14 +100,14 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     model = load(a.model, device="cpu")
     s = score(model, n_scenes=a.scenes, progress=True)
-    report = {"model": a.model, "machine": machine_info(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    shown = Path(a.model).resolve()
+    shown = shown.relative_to(ROOT) if shown.is_relative_to(ROOT) else Path(a.model)
+    report = {"model": str(shown), "machine": machine_info(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "synthetic": {"mean": s["mean"], "setup": s["setup"], "seconds": round(time.perf_counter() - t0, 1),
                             "per_scene": [{k: v for k, v in sc.items() if k != "views"} for sc in s["scenes"]]}}
     if a.real:
         report["real"] = real_images(a.model, a.real, a.finetune_steps, Path(a.work), a.seed)
-    shown = Path(a.model).resolve()
-    shown = shown.relative_to(ROOT) if shown.is_relative_to(ROOT) else Path(a.model)
-    lines = [f"# Quality of `{shown}`", "",
+    lines = [f"# Quality of `{report['model']}`", "",
              f"Machine: {report['machine']['machine']}; torch {report['machine']['torch']}; commit "
              f"{report['machine']['commit']}; {report['date']}. Command: `python benchmarks/quality.py "
              f"{' '.join(argv if argv is not None else sys.argv[1:])}`.", "",
