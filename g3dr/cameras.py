@@ -6,6 +6,7 @@ import math
 from typing import Tuple
 
 import torch
+import torch.nn.functional as F
 
 from g3dr_kernels.cameras import g3dr_cam2world, g3dr_rays
 
@@ -27,6 +28,32 @@ def canonical_rays(cfg: Config, batch: int = 1, resolution: int | None = None, d
     """The canonical view (yaw = pitch = pi/2) for `batch` images: rays_o, rays_d [B, H*W, 3]."""
     o, d = rays(torch.tensor([CANONICAL_YAW]), torch.tensor([CANONICAL_PITCH]), cfg, resolution, device)
     return o.expand(batch, -1, -1), d.expand(batch, -1, -1)
+
+
+def input_view_regions(points: torch.Tensor, depth: torch.Tensor, cfg: Config, margin: float
+                       ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """What the input (canonical) view says about 3D points: points [B,N,3], depth [B,1,H,W] (the input
+    view's depth, ray distance in G3DR units) -> (empty, behind), bool [B,N].
+    The input's surface is its depth map seen as z-depth (along the camera axis), extended beyond the
+    image by repeating its edge pixels (the scene is taken to go on as it leaves the frame).
+    empty: in front of that surface by more than `margin` (against the 3x3 minimum around the pixel, so
+      silhouettes are kept); behind: behind it by more than `margin` (3x3 maximum). A point is at most
+      one of the two; points near the surface or in its shadow at its edges are neither."""
+    B, H, W = depth.shape[0], depth.shape[-2], depth.shape[-1]
+    c2w = g3dr_cam2world(torch.tensor([CANONICAL_YAW]), torch.tensor([CANONICAL_PITCH]), cfg.render.radius,
+                         device=points.device, dtype=points.dtype)[0]
+    rel = (points - c2w[:3, 3]) @ c2w[:3, :3]            # camera frame (OpenGL: looks down -z)
+    focal = 1.0 / math.tan(math.radians(cfg.render.fov) / 2)
+    z = -rel[..., 2]
+    ahead = z.clamp_min(1e-6)
+    x, y = focal * rel[..., 0] / ahead, focal * rel[..., 1] / ahead  # [-1,1] over the outermost pixel centres
+    grid = torch.stack([x, -y], -1).clamp(-1, 1)[:, None]  # grid_sample: -1 is the top row; clamp = edge pixels
+    gy, gx = torch.meshgrid(torch.linspace(1, -1, H, device=points.device, dtype=points.dtype),
+                            torch.linspace(-1, 1, W, device=points.device, dtype=points.dtype), indexing="ij")
+    zmap = depth.reshape(B, 1, H, W).to(points.dtype) * focal / (gx.square() + gy.square() + focal ** 2).sqrt()
+    near = F.grid_sample(-F.max_pool2d(-zmap, 3, 1, 1), grid, mode="nearest", align_corners=True)[:, 0, 0]
+    far = F.grid_sample(F.max_pool2d(zmap, 3, 1, 1), grid, mode="nearest", align_corners=True)[:, 0, 0]
+    return (z < near - margin), (z > far + margin)
 
 
 def sample_novel(cfg: Config, step: int, n: int, generator: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -78,7 +78,7 @@ class RenderConfig(RendererOptions):
 @dataclass
 class LossConfig:
     """Loss terms and weights. Canonical branch: recon, depth, LPIPS (canon layers), CLIP (canon);
-    novel branch: CLIP (novel), LPIPS (novel layers), TV on depth. Both: the opacity term."""
+    novel branch: CLIP (novel), LPIPS (novel layers), TV on depth, carving. Both: the opacity term."""
     recon: str = "l1"                   # "l1" (official, on [-1,1]) | "mse" (paper)
     w_recon: float = 1.0
     depth: str = "l1"                   # "l1" | "smooth_l1"
@@ -95,7 +95,11 @@ class LossConfig:
     w_tv: float = 0.1
     w_opacity: float = 1.0
     w_free: float = 0.0                 # free space (canonical): opacity accumulated in front of target - free_margin
-    free_margin: float = 0.05           # depth units
+    free_margin: float = 0.05           # depth units (the free-space and carving terms)
+    w_carve: float = 0.0                # novel views: opacity at samples the input view shows empty (outside its
+                                        # field of view, or in front of its surface by free_margin)
+    novel_opacity: str = "all"          # novel views' opacity term on "all" rays (official) or only on rays that
+                                        # end "behind" the input view's surface (they must cross it)
     opacity_ramp: float = 0.5           # opacity weight rises 0 -> w_opacity over this fraction of the steps
     clip_loss: str = "l1"               # "l1" between embeddings (official) | "cosine"
     clip_model: str = "ViT-B-16"        # open_clip model name
@@ -321,6 +325,7 @@ def validate(cfg: Config) -> None:
     _check_choice("loss.recon", lo.recon, ("l1", "mse"))
     _check_choice("loss.depth", lo.depth, ("l1", "smooth_l1"))
     _check_choice("loss.clip_loss", lo.clip_loss, ("l1", "cosine"))
+    _check_choice("loss.novel_opacity", lo.novel_opacity, ("all", "behind"))
     for name in ("lpips_canon_layers", "lpips_novel_layers"):
         if len(getattr(lo, name)) != 5:
             raise ValueError(f"loss.{name} needs 5 per-layer weights (LPIPS-VGG has 5 layers), got "

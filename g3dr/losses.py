@@ -174,6 +174,13 @@ def free_space_loss(weights: torch.Tensor, t_mid: torch.Tensor, depth: torch.Ten
     return (weights * (t_mid < target - margin)).sum(-1).mean()
 
 
+def carve_loss(weights: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
+    """Opacity a novel view puts where the input view shows empty space: weights [B,R,S-1] (interval
+    weights), empty [B,R,S-1] bool (g3dr.cameras.input_view_regions at the interval mid points) ->
+    mean over rays of sum_i w_i [empty_i]."""
+    return (weights * empty).sum(-1).mean()
+
+
 def clip_loss(a: torch.Tensor, b: torch.Tensor, kind: str) -> torch.Tensor:
     return F.l1_loss(a, b) if kind == "l1" else (1 - F.cosine_similarity(a.float(), b.float(), dim=-1)).mean()
 
@@ -209,6 +216,8 @@ class Criterion(nn.Module):
             layers = c.lpips_canon_layers
         else:
             terms["tv"] = w["tv"] * tv_loss(out["depth"])
+            if w.get("carve") and "empty" in out:
+                terms["carve"] = w["carve"] * carve_loss(out["weights"], out["empty"])
             layers = c.lpips_novel_layers
         if w["lpips"] and self.lpips is not None:
             terms["lpips"] = w["lpips"] * lpips_layers(self.lpips, out["rgb"], image, layers)
@@ -216,7 +225,10 @@ class Criterion(nn.Module):
             with torch.no_grad():
                 ref = self.clip(image)
             terms["clip"] = w["clip"] * clip_loss(self.clip(out["rgb"]), ref, c.clip_loss)
-        terms["opacity"] = weights["opacity"] * (1 - out["opacity"]).mean()
+        miss = 1 - out["opacity"]
+        if branch == "novel" and "ends_behind" in out:  # loss.novel_opacity=behind: only rays that must hit
+            miss = miss * out["ends_behind"].reshape(miss.shape)
+        terms["opacity"] = weights["opacity"] * miss.mean()
         terms["total"] = sum(terms.values())
         return terms
 

@@ -38,7 +38,7 @@ def loss_weights(cfg: Config, step: int) -> dict:
         "canon": {"recon": lo.w_recon, "depth": lo.w_depth, "free": lo.w_free,
                   "lpips": lo.w_lpips_canon if canon_on else 0.0, "clip": lo.w_clip_canon if canon_on else 0.0},
         "novel": {"clip": ramp(step, lo.clip_novel_start_weight, lo.w_clip_novel, 0, lo.clip_novel_ramp * T),
-                  "lpips": lo.w_lpips_novel, "tv": lo.w_tv},
+                  "lpips": lo.w_lpips_novel, "tv": lo.w_tv, "carve": lo.w_carve},
         "opacity": ramp(step, 0.0, lo.w_opacity, 0, lo.opacity_ramp * T),
     }
 

@@ -258,9 +258,11 @@ def train_step(run: Run, step: int, batch: Dict[str, torch.Tensor]) -> StepResul
         run.model.set_kernel(schedules.kernel_on(cfg, step))
     with run.autocast():
         res = run.ddp(image, depth, rays_o, rays_d, target_depth=target,
-                      generator=_gen(device, seed, step, 3, run.rank), return_weights=cfg.loss.w_free > 0 and not novel)
+                      generator=_gen(device, seed, step, 3, run.rank), return_weights=_needs_weights(cfg, novel))
         rendered = {k: _to_images(res[k], H, H) for k in ("rgb", "depth", "opacity")}
         rendered.update({k: res[k] for k in ("weights", "t_mid") if k in res})
+        if novel and "weights" in res:  # what the input view says about the novel view's samples
+            rendered.update(_input_view_masks(cfg, rays_o, rays_d, res["t_mid"], depth))
         terms = run.criterion("novel" if novel else "canon", rendered, image, depth, schedules.loss_weights(cfg, step))
     loss = terms["total"]
     run.opt.zero_grad(set_to_none=True)
@@ -274,6 +276,26 @@ def train_step(run: Run, step: int, batch: Dict[str, torch.Tensor]) -> StepResul
         run.opt.zero_grad(set_to_none=True)
     return StepResult(lr=lr, novel=novel, grad_norm=norm, terms=terms, res=res, image=image, depth=depth,
                       objects=batch.get("objects"), images=b * run.world)
+
+
+def _needs_weights(cfg: Config, novel: bool) -> bool:
+    """Whether the step's losses need the per-sample weights: free space (canonical); carving or the
+    opacity term restricted to rays that end behind the input's surface (novel)."""
+    lo = cfg.loss
+    return lo.w_carve > 0 or lo.novel_opacity == "behind" if novel else lo.w_free > 0
+
+
+@torch.no_grad()
+def _input_view_masks(cfg: Config, rays_o, rays_d, t_mid, depth) -> Dict[str, torch.Tensor]:
+    """Novel-view samples classified by the input view: "empty" [B,R,S-1] (loss.w_carve) and, with
+    loss.novel_opacity=behind, "ends_behind" [B,R] (the ray's last sample lies behind the input's surface)."""
+    b, R, S = t_mid.shape
+    pts = rays_o.float()[:, :, None] + t_mid[..., None] * rays_d.float()[:, :, None]
+    empty, behind = cameras.input_view_regions(pts.reshape(b, R * S, 3), depth.float(), cfg, cfg.loss.free_margin)
+    out = {"empty": empty.reshape(b, R, S)}
+    if cfg.loss.novel_opacity == "behind":
+        out["ends_behind"] = behind.reshape(b, R, S)[..., -1]
+    return out
 
 
 def _finite_everywhere(run: Run, loss: torch.Tensor, norm: torch.Tensor) -> bool:
