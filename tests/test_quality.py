@@ -14,7 +14,8 @@ from g3dr.cli import main
 from g3dr.config import apply_overrides, preset
 from g3dr.depthio import write_depth_png
 from g3dr.heldout import covisible, held_out_indices, opacity_in_front, score_scene
-from g3dr.losses import free_space_loss
+from g3dr.cameras import input_view_regions
+from g3dr.losses import Criterion, carve_loss, free_space_loss
 from g3dr.metrics import depth_split
 from g3dr.model import G3DR, PlaneLift, image_plane_orientation, orient_planes, splat_planes
 from g3dr.synthetic import cast, make_scene, render_view
@@ -177,6 +178,59 @@ def test_free_space_loss_counts_only_what_lies_in_front():
     assert free_space_loss(in_front, t_mid, depth, 0.05) == pytest.approx(0.7)
 
 
+def _view_rays(yaw_deg, pitch_deg, res):
+    return g3dr_rays(g3dr_cam2world(math.pi / 2 + math.radians(yaw_deg), math.pi / 2 + math.radians(pitch_deg), 5.0), 18.0,
+                     res)
+
+
+def test_input_view_regions_on_a_scene():
+    """Known answers from a synthetic scene's true geometry: points on the input's surface are neither
+    empty nor behind, 0.2 in front are empty, 0.2 behind are behind; no surface point a side view sees
+    is empty (a perfect model pays no carving), and the rays that pass beside the wall end in front."""
+    cfg, res = preset("fast"), 32
+    scene = make_scene(1000003)
+    depth = render_view(scene, resolution=res)["depth"][None]            # [1,1,H,W]
+    o, d = _view_rays(0, 0, res)
+    at = {off: input_view_regions(o + d * (depth.reshape(1, -1, 1) + off), depth, cfg, 0.05) for off in (-0.2, 0, 0.2)}
+    assert not bool(at[0][0].any() or at[0][1].any())
+    # all but the pixels beside a silhouette (compared against their 3x3 neighbourhood's nearest/farthest)
+    assert float(at[-0.2][0].float().mean()) > 0.85 and not bool(at[-0.2][1].any())
+    assert float(at[0.2][1].float().mean()) > 0.85 and not bool(at[0.2][0].any())
+    for yaw in (-15, 15):
+        o, d = _view_rays(yaw, 5, res)
+        hit = cast(scene, o[0], d[0])
+        surface = (o[0] + d[0] * hit["depth"][:, None])[hit["mask"]]
+        empty, _ = input_view_regions(surface[None], depth, cfg, 0.05)
+        assert not bool(empty.any())
+        miss = ~hit["mask"]
+        assert bool(miss.any())                                             # the strip beside the wall
+        fog = o[0] + d[0] * 4.3                                             # a sheet in front of everything
+        assert float(input_view_regions(fog[None], depth, cfg, 0.05)[0].float().mean()) > 0.95
+        # the box exit of each ray: behind the input's surface where the ray hits, never where it misses
+        t_exit = torch.maximum((-1 - o[0]) / d[0], (1 - o[0]) / d[0]).amin(-1) - 0.02
+        _, behind = input_view_regions((o[0] + d[0] * t_exit[:, None])[None], depth, cfg, 0.05)
+        assert not bool(behind[0][miss].any()) and float(behind[0][hit["mask"]].float().mean()) > 0.9
+
+
+def test_carve_loss_and_the_novel_opacity_mask():
+    weights = torch.zeros(1, 2, 4)
+    weights[0, 0, 1], weights[0, 1, 3] = 0.8, 0.5
+    empty = torch.zeros(1, 2, 4, dtype=torch.bool)
+    empty[0, 0, :2] = True                                   # ray 0's first two samples lie in empty space
+    assert float(carve_loss(weights, empty)) == pytest.approx(0.8 / 2)
+    cfg = apply_overrides(preset("tiny"), ["loss.w_carve=2", "loss.novel_opacity=behind"])
+    crit = Criterion(cfg.loss, need_lpips=False, need_clip=False)
+    out = {"rgb": torch.zeros(1, 3, 1, 2), "depth": torch.zeros(1, 1, 1, 2), "opacity": torch.tensor([[[[0.25, 0.0]]]]),
+           "weights": weights, "empty": empty, "ends_behind": torch.tensor([[True, False]])}
+    w = {"novel": {"clip": 0, "lpips": 0, "tv": 0, "carve": 2.0}, "opacity": 1.0}
+    terms = crit("novel", out, torch.zeros(1, 3, 1, 2), torch.zeros(1, 1, 1, 2), w)
+    assert float(terms["carve"]) == pytest.approx(0.8)
+    assert float(terms["opacity"]) == pytest.approx(0.75 / 2)  # ray 1 passes beside the surface: not asked to hit
+    del out["ends_behind"]                                     # novel_opacity=all: every ray should end on a surface
+    assert float(crit("novel", out, torch.zeros(1, 3, 1, 2), torch.zeros(1, 1, 1, 2), w)["opacity"]) == \
+        pytest.approx((0.75 + 1.0) / 2)
+
+
 def test_covisible_and_opacity_in_front():
     scene = make_scene(3)
     c2w = g3dr_cam2world(math.pi / 2, math.pi / 2, 5.0, dtype=torch.float64)
@@ -218,6 +272,14 @@ def test_short_run_writes_images_curves_and_checkpoints(tmp_path):
     canon = [r for r in rows if r["branch"] == "canon"]
     assert canon and all("depth_err_obj" in r and "fog_obj" in r and "opacity_mean" in r for r in canon)
     assert interval(500, 4, 6) == 1 and interval(250, 3000, 6) == 250
+
+
+def test_novel_steps_carve(tmp_path):
+    cfg = _tiny("train.steps=2", "schedule.p_novel_max=1", "schedule.p_novel_ramp=0", "loss.w_carve=1",
+                "loss.novel_opacity=behind", "train.image_every=500", "train.save_every=500")
+    train(cfg, tmp_path / "run", progress=False)
+    rows = [json.loads(x) for x in open(tmp_path / "run" / "stats.jsonl")]
+    assert [r["branch"] for r in rows] == ["novel", "novel"] and all(r["carve"] > 0 for r in rows)
 
 
 def test_init_starts_from_the_weights_with_a_fresh_optimizer(tmp_path):
