@@ -95,7 +95,7 @@ def _floats(text: str):
 def _demo_args(d) -> None:
     d.add_argument("--out", default="outputs/demo", help="output folder")
     d.add_argument("--model", default=None, help="model file or run folder (default: the shipped models/ model)")
-    d.add_argument("--train", action="store_true", help="train a model with the fast preset first (about 40 minutes "
+    d.add_argument("--train", action="store_true", help="train a model with the fast and fast-carve presets first (about 40 minutes "
                                                          "on 2 CPU cores; --steps to shorten)")
     d.add_argument("--quick", action="store_true", help="train the tiny preset for a few steps instead (seconds)")
     d.add_argument("--steps", type=int, default=None, help="training steps with --train/--quick (default: the "
@@ -124,7 +124,7 @@ def _run_demo(args, p) -> None:
 def _train_args(t) -> None:
     t.description = ("Train G3DR. Any config field can be overridden as section.key=value, e.g. "
                      "train.steps=1000 train.batch_size=4 train.save_every=100 loss.w_tv=0.")
-    t.add_argument("--config", default="small", help="preset (official, paper, small, fast, tiny) or a YAML file")
+    t.add_argument("--config", default="small", help="preset (official, paper, small, fast, fast-carve, tiny) or a YAML file")
     t.add_argument("--data", default=None, help="'synthetic' or a folder of name.jpg + name_depth.png "
                                                 "(default: the config's data.source)")
     t.add_argument("--out", required=True, help="run folder (config.yaml, stats.jsonl, checkpoints/, images/)")

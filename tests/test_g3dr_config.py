@@ -75,7 +75,7 @@ def test_official_schedules(step):
     assert w["opacity"] == pytest.approx(_linear_low2high(step, 0, 1, 0, T // 2))
     late = step > T // 2
     assert w["canon"]["clip"] == pytest.approx(0.175 if late else 0) and w["canon"]["lpips"] == (1 if late else 0)
-    assert w["novel"] == {"clip": 0.35, "lpips": 2.0, "tv": 0.1}
+    assert w["novel"] == {"clip": 0.35, "lpips": 2.0, "tv": 0.1, "carve": 0.0}
 
 
 def test_official_yaw_range_is_pi_over_d_not_linear_in_angle():
