@@ -97,8 +97,8 @@ class LossConfig:
     w_opacity: float = 1.0
     w_free: float = 0.0                 # free space (canonical): opacity accumulated in front of target - free_margin
     free_margin: float = 0.05           # depth units (the free-space and carving terms)
-    w_carve: float = 0.0                # novel views: opacity at samples the input view shows empty (outside its
-                                        # field of view, or in front of its surface by free_margin)
+    w_carve: float = 0.0                # novel views: opacity at samples the input view shows empty (in front of
+                                        # its depth map, extended beyond the frame by its edges, by free_margin)
     novel_opacity: str = "all"          # novel views' opacity term on "all" rays (official) or only on rays that
                                         # end "behind" the input view's surface (they must cross it)
     opacity_ramp: float = 0.5           # opacity weight rises 0 -> w_opacity over this fraction of the steps

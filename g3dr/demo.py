@@ -150,14 +150,13 @@ def run_demo(out_dir: str = "outputs/demo", quick: bool = False, steps: int | No
     if quick or train_model:
         name = "tiny" if quick else "fast"
         cfg = preset(name)
-        over = [f"render.backend={backend}", f"train.device={dev}"]
-        over += [f"train.steps={steps or (3 if quick else cfg.train.steps)}"]
-        cfg = apply_overrides(cfg, over)
+        where = [f"render.backend={backend}", f"train.device={dev}"]
+        cfg = apply_overrides(cfg, where + [f"train.steps={steps or (3 if quick else cfg.train.steps)}"])
         t0 = time.perf_counter()
         summary = train(cfg, out / "run", resume="auto", progress=progress)
         source = out / "run"
         if not quick:  # the shipped model's second stage: carve the novel views (preset fast-carve)
-            stage2 = apply_overrides(preset("fast-carve"), over[:2])
+            stage2 = apply_overrides(preset("fast-carve"), where)
             summary = train(stage2, out / "run-carve", resume="auto", progress=progress, init=str(source))
             source = out / "run-carve"
         result.update(train_seconds=time.perf_counter() - t0, steps=summary["step"], run=str(source))

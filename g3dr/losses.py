@@ -171,7 +171,7 @@ def free_space_loss(weights: torch.Tensor, t_mid: torch.Tensor, depth: torch.Ten
     mid depths), depth [B,1,H,W] with H*W = R -> mean over rays of sum_i w_i [t_i < depth - margin].
     Zero when the space between the camera and the surface is empty: it penalises fog directly."""
     target = depth.reshape(depth.shape[0], -1, 1)
-    return (weights * (t_mid < target - margin)).sum(-1).mean()
+    return carve_loss(weights, t_mid < target - margin)
 
 
 def carve_loss(weights: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
