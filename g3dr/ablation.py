@@ -30,7 +30,8 @@ from .train import train
 ABLATION_VARIANTS = {
     "kernel": ["render.depth_kernel=true"],        # G3DR: depth-kernel gradient scaling on canonical views
     "no_kernel": ["render.depth_kernel=false"],    # the ablation: target samples kept, no gradient rescaled
-    "no_depth": ["loss.w_depth=0", "loss.w_free=0"],  # no depth supervision at all (kernel on)
+    # no depth supervision at all (kernel on): neither the depth loss nor the terms that read the input depth
+    "no_depth": ["loss.w_depth=0", "loss.w_free=0", "loss.w_carve=0", "loss.novel_opacity=all"],
 }
 # (metric, label, higher is better)
 _ABLATION_METRICS = [("psnr", "PSNR novel (dB)", True), ("ssim", "SSIM novel", True), ("lpips", "LPIPS novel", False),

@@ -30,6 +30,13 @@ def canonical_rays(cfg: Config, batch: int = 1, resolution: int | None = None, d
     return o.expand(batch, -1, -1), d.expand(batch, -1, -1)
 
 
+def canonical_camera_frame(points: torch.Tensor, radius: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """points [..., 3] (world) -> (the canonical camera's centre [3], the points in its frame [..., 3]):
+    x right, y up, z backwards (OpenGL: the camera looks down its -z), in the points' dtype and device."""
+    c2w = g3dr_cam2world(CANONICAL_YAW, CANONICAL_PITCH, radius, device=points.device, dtype=points.dtype)[0]
+    return c2w[:3, 3], (points - c2w[:3, 3]) @ c2w[:3, :3]
+
+
 def input_view_regions(points: torch.Tensor, depth: torch.Tensor, cfg: Config, margin: float
                        ) -> Tuple[torch.Tensor, torch.Tensor]:
     """What the input (canonical) view says about 3D points: points [B,N,3], depth [B,1,H,W] (the input
@@ -40,9 +47,7 @@ def input_view_regions(points: torch.Tensor, depth: torch.Tensor, cfg: Config, m
       silhouettes are kept); behind: behind it by more than `margin` (3x3 maximum). A point is at most
       one of the two; points near the surface or in its shadow at its edges are neither."""
     B, H, W = depth.shape[0], depth.shape[-2], depth.shape[-1]
-    c2w = g3dr_cam2world(torch.tensor([CANONICAL_YAW]), torch.tensor([CANONICAL_PITCH]), cfg.render.radius,
-                         device=points.device, dtype=points.dtype)[0]
-    rel = (points - c2w[:3, 3]) @ c2w[:3, :3]            # camera frame (OpenGL: looks down -z)
+    rel = canonical_camera_frame(points, cfg.render.radius)[1]
     focal = 1.0 / math.tan(math.radians(cfg.render.fov) / 2)
     z = -rel[..., 2]
     ahead = z.clamp_min(1e-6)

@@ -1,8 +1,7 @@
 """The main job: G3DR end to end on built-in synthetic scenes it never saw in training.
 
-1. load the shipped model (models/, trained by the `fast` then `fast-carve` presets; see models/README.md), or with
-   `--train` train one first (the `fast` preset, `--steps` to shorten it, then the 60 steps of
-   `fast-carve` from it; resumes in `<out>/run` and `<out>/run-carve`);
+1. load the shipped model (models/, trained by the `fast` preset; see models/README.md), or with `--train` train
+   one first (the `fast` preset, `--steps` to shorten it; resumes in `<out>/run`);
 2. reconstruct held-out scenes from their single canonical RGB-D view;
 3. write heldout.png: per scene the input RGB and depth, the reconstruction of the input view, and
    novel views (colour and depth) beside the ground truth;
@@ -150,18 +149,13 @@ def run_demo(out_dir: str = "outputs/demo", quick: bool = False, steps: int | No
     if quick or train_model:
         name = "tiny" if quick else "fast"
         cfg = preset(name)
-        where = [f"render.backend={backend}", f"train.device={dev}"]
-        cfg = apply_overrides(cfg, where + [f"train.steps={steps or (3 if quick else cfg.train.steps)}"])
+        cfg = apply_overrides(cfg, [f"render.backend={backend}", f"train.device={dev}",
+                                    f"train.steps={steps or (3 if quick else cfg.train.steps)}"])
         t0 = time.perf_counter()
         summary = train(cfg, out / "run", resume="auto", progress=progress)
         source = out / "run"
-        if not quick:  # the shipped model's second stage: carve the novel views (preset fast-carve)
-            stage2 = apply_overrides(preset("fast-carve"), where)
-            summary = train(stage2, out / "run-carve", resume="auto", progress=progress, init=str(source))
-            source = out / "run-carve"
         result.update(train_seconds=time.perf_counter() - t0, steps=summary["step"], run=str(source))
-        print(f"trained the {name} preset{'' if quick else ' and fast-carve'} in {result['train_seconds']:.0f} s "
-              f"-> {source}")
+        print(f"trained the {name} preset in {result['train_seconds']:.0f} s -> {source}")
     else:
         source = Path(model_path) if model_path else MODEL
         if not source.exists():

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from g3dr_kernels import render_triplanes, sampling
 from g3dr_kernels.cameras import g3dr_cam2world, g3dr_rays
 
-from .cameras import CANONICAL_PITCH, CANONICAL_YAW
+from .cameras import CANONICAL_PITCH, CANONICAL_YAW, canonical_camera_frame
 from .metrics import FOG_MARGIN
 from .synthetic import HELD_OUT_FIRST, Scene, cast, make_scene, render_view
 
@@ -46,16 +46,12 @@ def covisible(scene: Scene, points: torch.Tensor, hit: torch.Tensor, radius: flo
               ) -> torch.Tensor:
     """points [R,3] (true surface points of a novel view), hit [R] bool -> [R] bool: the canonical
     camera sees the same point (inside its image and not occluded)."""
-    c2w = g3dr_cam2world(CANONICAL_YAW, CANONICAL_PITCH, radius, dtype=torch.float64)[0]
-    eye = c2w[:3, 3]
-    fwd = -c2w[:3, 2]                                # OpenGL frame: the camera looks down its -z
-    right, up = c2w[:3, 0], c2w[:3, 1]
-    v = points.double() - eye
-    dist = v.norm(dim=-1).clamp_min(1e-9)
-    d = v / dist[:, None]
-    z = (d * fwd).sum(-1)
+    eye, rel = canonical_camera_frame(points.double(), radius)
+    dist = rel.norm(dim=-1).clamp_min(1e-9)
+    z = -rel[:, 2]                                   # along the view axis (the camera looks down its -z)
     lim = math.tan(math.radians(fov) / 2) * (1 + 1 / max(res - 1, 1))   # outermost pixel centre + half a pixel
-    inside = (z > 0) & ((d * right).sum(-1).abs() <= lim * z) & ((d * up).sum(-1).abs() <= lim * z)
+    inside = (z > 0) & (rel[:, 0].abs() <= lim * z) & (rel[:, 1].abs() <= lim * z)
+    d = (points.double() - eye) / dist[:, None]
     seen = cast(scene, eye.expand_as(d), d)["depth"]
     return hit & inside & ((seen - dist).abs() < 2e-3)
 
