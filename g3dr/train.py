@@ -454,7 +454,7 @@ def _grid_image(model: G3DR, cfg: Config, image, depth, path: Path, device) -> N
     write_png(path, arr)
 
 
-CURVES = (("loss terms", ("total", "recon", "depth", "lpips", "clip", "tv", "opacity")),
+CURVES = (("loss terms", ("total", "recon", "depth", "free", "lpips", "clip", "tv", "opacity", "carve")),
           ("depth error (canonical)", ("depth_err_obj", "depth_err_bg")),
           ("fog and opacity", ("fog_obj", "behind_obj", "opacity_mean")),
           ("learning rate", ("lr",)))
