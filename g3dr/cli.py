@@ -95,7 +95,7 @@ def _floats(text: str):
 def _demo_args(d) -> None:
     d.add_argument("--out", default="outputs/demo", help="output folder")
     d.add_argument("--model", default=None, help="model file or run folder (default: the shipped models/ model)")
-    d.add_argument("--train", action="store_true", help="train a model with the fast preset first (about 45 minutes on 2 "
+    d.add_argument("--train", action="store_true", help="train a model with the fast preset first (about 50 minutes on 2 "
                                                          "CPU cores; --steps to shorten)")
     d.add_argument("--quick", action="store_true", help="train the tiny preset for a few steps instead (seconds)")
     d.add_argument("--steps", type=int, default=None, help="training steps with --train/--quick (default: the "

@@ -404,7 +404,7 @@ def _fast() -> Config:
       the U-Net works in the image's own layout and never has to move content across the grid (a flip,
       transpose or zoom to the planes' scale, or a scatter along depth for the side planes); at equal
       steps (600) it cut the held-out object depth error from 0.18 ("image" layout) to 0.038
-      (benchmarks/results/lift_ab.md). 3200 steps (45 min on the project's 2-core Intel VM);
+      (benchmarks/results/lift_ab.md). 3200 steps: 51 min on a 2-core AMD EPYC VM (models/README.md);
     - a free-space term (loss.w_free) and a softer depth-kernel floor (c_min 0.3): with the kernel's
       0.05 floor the gradients that clear space in front of the target are scaled down 20x and an opaque
       sheet forms in front of the scene; without the kernel the model learns the backdrop plane only;
@@ -439,9 +439,9 @@ def _fast_carve() -> Config:
       (which must cross it) to end on something, not every ray.
     On such a model (8 held-out scenes) the all-pixel novel-view PSNR rose from 18.0 to 21.0 dB (the strip
     alone from 11.7 to 23.4 dB), the co-visible PSNR moved from 24.8 to 24.5 (benchmarks/results/carve.md);
-    lr 5e-5 instead of 2e-4 fixed only part of the strip (18.9 dB)."""
+    lr 5e-5 instead of 2e-4 fixed only part of the strip (18.9 dB). The two carving settings come from `fast`;
+    this preset changes the share of novel steps (0.5 from the first step), the learning rate and the length."""
     c = _fast()
-    c.loss.w_carve, c.loss.novel_opacity = 1.0, "behind"   # as in `fast`; kept explicit
     c.schedule.p_novel_max, c.schedule.p_novel_ramp, c.schedule.lr = 0.5, 0.0, 2e-4
     c.train.steps, c.train.save_every, c.train.image_every = 60, 10, 20
     return c
