@@ -46,12 +46,13 @@ def covisible(scene: Scene, points: torch.Tensor, hit: torch.Tensor, radius: flo
               ) -> torch.Tensor:
     """points [R,3] (true surface points of a novel view), hit [R] bool -> [R] bool: the canonical
     camera sees the same point (inside its image and not occluded)."""
-    eye, rel = canonical_camera_frame(points.double(), radius)
+    p = points.double()
+    eye, rel = canonical_camera_frame(p, radius)
     dist = rel.norm(dim=-1).clamp_min(1e-9)
     z = -rel[:, 2]                                   # along the view axis (the camera looks down its -z)
     lim = math.tan(math.radians(fov) / 2) * (1 + 1 / max(res - 1, 1))   # outermost pixel centre + half a pixel
     inside = (z > 0) & (rel[:, 0].abs() <= lim * z) & (rel[:, 1].abs() <= lim * z)
-    d = (points.double() - eye) / dist[:, None]
+    d = (p - eye) / dist[:, None]
     seen = cast(scene, eye.expand_as(d), d)["depth"]
     return hit & inside & ((seen - dist).abs() < 2e-3)
 
